@@ -1,0 +1,100 @@
+"""Every command-line flag of `teaserve`, in one place."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from .. import __version__
+from ..cache import CACHE_BACKEND_ENV, cache_backend_names, parse_config_json
+from ..engine import DEFAULT_MAX_QUEUE_SIZE
+from ..pipelines import DTYPE_CHOICES
+
+
+def _cache_config(text: str) -> dict:
+    try:
+        return parse_config_json(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({error.msg}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cache-backend",
+        choices=cache_backend_names(),
+        default=None,
+        help=f"step-caching method (default: ${CACHE_BACKEND_ENV}, else none)",
+    )
+    parser.add_argument(
+        "--cache-config",
+        type=_cache_config,
+        default=None,
+        metavar="JSON",
+        help="cache settings as a JSON object, e.g. '{\"rel_l1_thresh\": 0.2}'",
+    )
+    parser.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help="auto: bfloat16 on GPU, float32 on CPU")
+
+
+def _add_serve(subparsers) -> None:
+    serve = subparsers.add_parser("serve", help="run the OpenAI-compatible HTTP server")
+    serve.add_argument("model", nargs="?", default=None, help="model folder or hub id (default: the embedded model)")
+    serve.add_argument("--omni", action="store_true", help="accepted for `vllm serve ... --omni` compatibility")
+    serve.add_argument("--host", default="0.0.0.0")
+    serve.add_argument("--port", type=int, default=8091)
+    serve.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (env TEASERVE_API_KEY)")
+    serve.add_argument("--served-model-name", default=None, help="model id reported by /v1/models and accepted")
+    serve.add_argument(
+        "--max-queue-size", type=int, default=DEFAULT_MAX_QUEUE_SIZE, help="waiting requests (429 after)"
+    )
+    serve.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body in MB (413 above)")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _add_model_flags(serve)
+
+
+def _add_generate(subparsers) -> None:
+    generate = subparsers.add_parser("generate", help="generate images from the command line")
+    generate.add_argument(
+        "model_and_prompt", nargs="+", metavar="[MODEL] PROMPT", help="model (default: the embedded one), then prompt"
+    )
+    generate.add_argument("-o", "--output", default="out.png", help="output file (several images: out-0.png, ...)")
+    generate.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--size", default=None, help="WIDTHxHEIGHT (default: the model's)")
+    generate.add_argument("-n", "--num-images", type=int, default=1)
+    generate.add_argument("--negative-prompt", default=None)
+    generate.add_argument("--true-cfg-scale", type=float, default=None)
+    generate.add_argument("--guidance-scale", type=float, default=None)
+    generate.add_argument("--image", action="append", default=[], help="input image for edit models (repeatable)")
+    generate.add_argument("--mask", default=None, help="mask image for inpainting edits")
+    generate.add_argument("--layers", type=int, default=None, help="layers for Qwen-Image-Layered")
+    generate.add_argument("--resolution", type=int, default=None, help="640 or 1024 for Qwen-Image-Layered")
+    generate.add_argument(
+        "--request-cache-config",
+        type=_json_object,
+        default=None,
+        metavar="JSON",
+        help="per-request cache overrides, e.g. '{\"rel_l1_thresh\": 0.4}'",
+    )
+    _add_model_flags(generate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="teaserve", description="OpenAI-compatible diffusion server with training-free step caching."
+    )
+    parser.add_argument("--version", action="version", version=f"teaserve {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_serve(subparsers)
+    _add_generate(subparsers)
+    return parser

@@ -1,0 +1,318 @@
+"""The engine: a bounded queue in front of one worker thread that owns the model."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import queue
+import random
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+from ..cache import create_cache_backend, resolve_backend_name
+from ..pipelines import LoadedModel, load_model
+from .params import MAX_PIXELS, MAX_SEED, OmniDiffusionSamplingParams
+from .request import (
+    EngineStoppedError,
+    GenerationError,
+    GenerationRequest,
+    ProgressEvent,
+    PromptInput,
+    QueueFullError,
+    RequestCancelledError,
+    RequestOutput,
+)
+from .worker import ModelWorker
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_QUEUE_SIZE = 16
+
+
+def fit_size(width: int, height: int, multiple: int) -> tuple[int, int]:
+    """The closest size to `width` x `height` in multiples of `multiple`, scaled down to the pixel cap."""
+    scale = min(1.0, math.sqrt(MAX_PIXELS / (width * height)))
+    return (
+        max(multiple, round(width * scale / multiple) * multiple),
+        max(multiple, round(height * scale / multiple) * multiple),
+    )
+
+
+class RequestHandle:
+    """A submitted request: its future, its cancellation flag and its progress listener."""
+
+    def __init__(self, request: GenerationRequest, on_progress: Callable[[ProgressEvent], None] | None):
+        self.request = request
+        self.future: Future[RequestOutput] = Future()
+        self.submitted_at = time.perf_counter()
+        self._cancel_requested = threading.Event()
+        self._on_progress = on_progress
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    def cancel(self) -> None:
+        """Cancel: a queued request never runs, a running one stops at its next step."""
+        self._cancel_requested.set()
+        self.future.cancel()
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._cancel_requested.is_set()
+
+    def emit(self, event: ProgressEvent) -> None:
+        if self._on_progress is not None:
+            self._on_progress(event)
+
+    def result(self, timeout: float | None = None) -> RequestOutput:
+        return self.future.result(timeout)
+
+
+class AsyncEngine:
+    """Owns one model on one worker thread; usable from threads (`submit`) and from asyncio (`generate`).
+
+    Requests run one at a time in submission order. The queue is bounded: when it is full, `submit` raises
+    QueueFullError (or waits, with block=True).
+    """
+
+    def __init__(
+        self,
+        model: str | Path | LoadedModel | None = None,
+        *,
+        cache_backend: str | None = None,
+        cache_config: dict[str, Any] | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
+    ):
+        if isinstance(max_queue_size, bool) or not isinstance(max_queue_size, int) or max_queue_size < 1:
+            raise ValueError(f"max_queue_size must be a positive integer, got {max_queue_size!r}")
+        self.cache_backend_name = resolve_backend_name(cache_backend)
+        self.model = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
+        # The model's own recommendation (e.g. calibrated coefficients) under the user's settings.
+        config = {**self.model.cache_defaults.get(self.cache_backend_name, {}), **(cache_config or {})}
+        self.cache = create_cache_backend(self.cache_backend_name, config)
+        self._worker = ModelWorker(self.model, self.cache)
+        self.max_queue_size = max_queue_size
+        self._queue: queue.Queue[RequestHandle | None] = queue.Queue(maxsize=max_queue_size)
+        self._active: dict[str, RequestHandle] = {}
+        self._running: RequestHandle | None = None
+        self._seconds_per_request = 1.0
+        self._stopped = False
+        self._thread = threading.Thread(target=self._serve, name="teaserve-worker", daemon=True)
+        self._thread.start()
+
+    # -- state -------------------------------------------------------------------------------
+    @property
+    def is_alive(self) -> bool:
+        return not self._stopped and self._thread.is_alive()
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting, not counting the one running."""
+        return self._queue.qsize()
+
+    @property
+    def num_running(self) -> int:
+        return 0 if self._running is None else 1
+
+    # -- preparing requests --------------------------------------------------------------------
+    def prepare(
+        self,
+        prompt: str | dict[str, Any] | PromptInput,
+        params: OmniDiffusionSamplingParams | None = None,
+        *,
+        num_previews: int = 0,
+    ) -> GenerationRequest:
+        """Resolve a prompt and params against the loaded model; bad input raises a ValueError here."""
+        prompt = PromptInput.from_user(prompt)
+        params = params or OmniDiffusionSamplingParams()
+        model, family = self.model, self.model.family
+        defaults = model.defaults
+
+        count = len(prompt.images)
+        if not family.min_input_images <= count <= family.max_input_images:
+            from ..pipelines import editing_architectures
+
+            if family.max_input_images == 0:
+                raise ValueError(
+                    f"model {model.name} ({model.architecture}) generates from text only and takes no input image; "
+                    f"architectures that edit images: {', '.join(editing_architectures())}"
+                )
+            raise ValueError(
+                f"model {model.name} ({model.architecture}) takes {family.min_input_images} to "
+                f"{family.max_input_images} input image(s), got {count}"
+            )
+        if prompt.mask is not None and not family.supports_mask:
+            raise ValueError(f"masks are not supported by model {model.name} ({model.architecture})")
+
+        multiple = model.size_multiple
+        if params.width is not None:
+            width, height = params.width, params.height
+            if width % multiple or height % multiple:
+                raise ValueError(
+                    f"width and height must be multiples of {multiple} for this model, got {width}x{height}"
+                )
+        elif prompt.images and family.task == "image-edit":
+            width, height = fit_size(*prompt.images[0].size, multiple)
+        else:
+            width, height = model.default_size
+
+        for name in ("layers", "resolution"):
+            if getattr(params, name) is not None and getattr(defaults, name) is None:
+                raise ValueError(
+                    f"{name} only applies to layered models (Qwen-Image-Layered), not {model.architecture}"
+                )
+
+        steps = params.num_inference_steps or defaults.num_inference_steps
+        self.cache.check_overrides(params.cache_config)
+        return GenerationRequest(
+            prompt=prompt,
+            params=params,
+            width=width,
+            height=height,
+            num_inference_steps=steps,
+            true_cfg_scale=defaults.true_cfg_scale if params.true_cfg_scale is None else params.true_cfg_scale,
+            negative_prompt=next(
+                (n for n in (prompt.negative_prompt, params.negative_prompt) if n is not None),
+                defaults.negative_prompt,
+            ),
+            guidance_scale=defaults.guidance_scale if params.guidance_scale is None else params.guidance_scale,
+            seed=random.SystemRandom().randrange(2**32) if params.seed is None else params.seed,
+            num_outputs=params.num_outputs_per_prompt,
+            layers=params.layers or defaults.layers,
+            resolution=params.resolution or defaults.resolution,
+            preview_steps=preview_steps(steps, num_previews),
+        )
+
+    # -- running -------------------------------------------------------------------------------
+    def submit(
+        self,
+        request: GenerationRequest,
+        *,
+        on_progress: Callable[[ProgressEvent], None] | None = None,
+        block: bool = False,
+    ) -> RequestHandle:
+        """Queue a prepared request. With block=False a full queue raises QueueFullError."""
+        if self._stopped:
+            raise EngineStoppedError("the engine has shut down")
+        if request.seed + request.num_outputs - 1 > MAX_SEED:
+            raise ValueError(f"seed must leave room for {request.num_outputs} consecutive seeds below {MAX_SEED}")
+        handle = RequestHandle(request, on_progress)
+        self._active[request.request_id] = handle
+        try:
+            self._queue.put(handle, block=block)
+        except queue.Full:
+            del self._active[request.request_id]
+            retry_after = max(1, math.ceil(self._seconds_per_request * (self.queue_depth + 1)))
+            raise QueueFullError(
+                f"the server is busy: {self.max_queue_size} requests are already waiting; retry in {retry_after} s",
+                retry_after=retry_after,
+            ) from None
+        return handle
+
+    def cancel(self, request_id: str) -> bool:
+        handle = self._active.get(request_id)
+        if handle is None:
+            return False
+        handle.cancel()
+        return True
+
+    async def generate(
+        self, request: GenerationRequest, *, on_progress: Callable[[ProgressEvent], None] | None = None
+    ) -> RequestOutput:
+        """Run a prepared request; cancelling the awaiting task cancels the request."""
+        handle = self.submit(request, on_progress=on_progress)
+        try:
+            return await asyncio.wrap_future(handle.future)
+        except asyncio.CancelledError:
+            handle.cancel()
+            raise
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[ProgressEvent | RequestOutput]:
+        """Yield progress events as the request runs, then its output. Leaving early cancels the request."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[ProgressEvent] = asyncio.Queue()
+        handle = self.submit(request, on_progress=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        finished = asyncio.wrap_future(handle.future)
+        try:
+            while True:
+                next_event = asyncio.ensure_future(events.get())
+                done, _ = await asyncio.wait({next_event, finished}, return_when=asyncio.FIRST_COMPLETED)
+                if next_event in done:
+                    yield next_event.result()
+                    continue
+                next_event.cancel()
+                while not events.empty():
+                    yield events.get_nowait()
+                yield finished.result()
+                return
+        finally:
+            if not handle.future.done():
+                handle.cancel()
+
+    def _serve(self) -> None:
+        while True:
+            handle = self._queue.get()
+            if handle is None:
+                return
+            try:
+                self._run(handle)
+            finally:
+                self._active.pop(handle.request_id, None)
+
+    def _run(self, handle: RequestHandle) -> None:
+        if not handle.future.set_running_or_notify_cancel():
+            return  # cancelled while queued
+        self._running = handle
+        started = time.perf_counter()
+        try:
+            output = self._worker.run(
+                handle.request,
+                should_stop=lambda: handle.cancel_requested or self._stopped,
+                on_progress=handle.emit,
+                queue_seconds=started - handle.submitted_at,
+            )
+        except RequestCancelledError as error:
+            handle.future.set_exception(error)
+        except Exception as error:  # a failing request fails alone; the worker goes on
+            logger.exception("request %s failed", handle.request_id)
+            failure = GenerationError(f"generation failed: {type(error).__name__}: {error}")
+            failure.__cause__ = error
+            handle.future.set_exception(failure)
+        else:
+            handle.future.set_result(output)
+        finally:
+            self._running = None
+            elapsed = time.perf_counter() - started
+            self._seconds_per_request = 0.8 * self._seconds_per_request + 0.2 * elapsed
+
+    def shutdown(self, *, wait: bool = True) -> None:
+        """Stop taking requests, cancel the waiting ones and the running one, and stop the worker."""
+        if self._stopped:
+            return
+        self._stopped = True
+        while True:
+            try:
+                handle = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if handle is not None:
+                handle.cancel()
+                self._active.pop(handle.request_id, None)
+        self._queue.put(None)
+        if wait:
+            self._thread.join()
+
+
+def preview_steps(num_steps: int, count: int) -> frozenset[int]:
+    """`count` 0-based steps spread evenly over the run, the last step excluded (that image is the final one)."""
+    if count <= 0 or num_steps < 2:
+        return frozenset()
+    return frozenset(min(num_steps - 2, (num_steps * (k + 1)) // (count + 1)) for k in range(count))

@@ -1,0 +1,73 @@
+"""`Omni`: the blocking Python face of the engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..pipelines import LoadedModel
+from .async_engine import DEFAULT_MAX_QUEUE_SIZE, AsyncEngine
+from .params import OmniDiffusionSamplingParams
+from .request import ProgressEvent, PromptInput, RequestOutput
+
+PromptLike = str | dict[str, Any] | PromptInput
+
+
+class Omni:
+    """Load a model once and generate images with it.
+
+    >>> omni = Omni(model="Qwen/Qwen-Image", cache_backend="tea_cache", cache_config={"rel_l1_thresh": 0.2})
+    >>> outputs = omni.generate("a cat", OmniDiffusionSamplingParams(num_inference_steps=50))
+    >>> outputs[0].images[0].save("cat.png")
+
+    `model=None` is the embedded default model. `cache_backend=None` reads $DIFFUSION_CACHE_BACKEND
+    (default "none"). `device`/`dtype` default to cuda + bfloat16 when a GPU is present, else cpu + float32.
+    """
+
+    def __init__(
+        self,
+        model: str | Path | LoadedModel | None = None,
+        cache_backend: str | None = None,
+        cache_config: dict[str, Any] | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        *,
+        max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
+    ):
+        self.engine = AsyncEngine(
+            model,
+            cache_backend=cache_backend,
+            cache_config=cache_config,
+            device=device,
+            dtype=dtype,
+            max_queue_size=max_queue_size,
+        )
+
+    @property
+    def model(self) -> LoadedModel:
+        return self.engine.model
+
+    def generate(
+        self,
+        prompts: PromptLike | list[PromptLike],
+        params: OmniDiffusionSamplingParams | None = None,
+        *,
+        on_progress=None,
+    ) -> list[RequestOutput]:
+        """One output per prompt, in order. Every prompt is validated before anything runs."""
+        items = prompts if isinstance(prompts, list) else [prompts]
+        requests = [self.engine.prepare(item, params) for item in items]
+        handles = [self.engine.submit(request, block=True, on_progress=on_progress) for request in requests]
+        return [handle.result() for handle in handles]
+
+    def close(self) -> None:
+        self.engine.shutdown()
+
+    def __enter__(self) -> Omni:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+__all__ = ["Omni", "ProgressEvent"]

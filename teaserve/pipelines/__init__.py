@@ -1,0 +1,21 @@
+"""Model families (keyed by diffusers architecture name), loading, tiny offline builders, the default model."""
+
+from . import qwen_image  # noqa: F401  (registers the Qwen-Image family)
+from .base import GenerationDefaults, ModelFamily, PipelineInputs
+from .loading import DTYPE_CHOICES, LoadedModel, load_model, resolve_device, resolve_dtype
+from .registry import editing_architectures, get_family, register_family, supported_architectures
+
+__all__ = [
+    "DTYPE_CHOICES",
+    "GenerationDefaults",
+    "LoadedModel",
+    "ModelFamily",
+    "PipelineInputs",
+    "editing_architectures",
+    "get_family",
+    "load_model",
+    "register_family",
+    "resolve_device",
+    "resolve_dtype",
+    "supported_architectures",
+]

@@ -1,0 +1,104 @@
+"""Tokenizers built in code, so that tiny and embedded models need no download.
+
+The Qwen-Image pipelines drop a fixed number of leading tokens (the system prompt of their template:
+34 for text-to-image, 64 for Edit / Edit-Plus), so the tokenizer must split the templates exactly as the
+real Qwen2 tokenizer does: every template word is one token. A byte-level BPE with Qwen2's split regex,
+trained on the templates, does that; words it never saw still tokenize, as byte pieces.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from collections.abc import Iterable
+
+from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+# Qwen2's pre-tokenizer split pattern.
+QWEN2_SPLIT_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+# Qwen2 / Qwen2.5-VL special tokens, in the order of their real ids (151643 upwards).
+QWEN2_SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+QWEN2_FIRST_SPECIAL_ID = 151643
+
+QWEN_IMAGE_TEMPLATE_TEXTS = (
+    "system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, spatial "
+    "relationships of the objects and background:\nuser\n\nassistant\n",
+    "system\nDescribe the key features of the input image (color, shape, size, texture, objects, background), "
+    "then explain how the user's text instruction should alter or modify the image. Generate a new image that "
+    "meets the user's requirements while maintaining consistency with the original input where appropriate.\n"
+    "user\n\nassistant\n",
+    "Picture 1: Picture 2: Picture 3: ",
+)
+
+
+def special_token_ids(first_id: int = QWEN2_FIRST_SPECIAL_ID) -> dict[str, int]:
+    return {token: first_id + offset for offset, token in enumerate(QWEN2_SPECIAL_TOKENS)}
+
+
+def build_qwen2_tokenizer(extra_texts: Iterable[str] = (), *, first_special_id: int | None = None):
+    """A transformers `Qwen2Tokenizer` trained offline on the Qwen-Image templates plus `extra_texts`.
+
+    `first_special_id=None` puts the special tokens at their real ids (151643...), so text-encoder configs
+    sized for the real vocabulary work unchanged; a small value (right after the learned vocabulary) gives a
+    compact vocabulary for small embedded models.
+    """
+    from transformers import Qwen2Tokenizer
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=4000,
+        min_frequency=1,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    texts = [*QWEN_IMAGE_TEMPLATE_TEXTS, *extra_texts, string.ascii_letters + string.digits]
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    trained = json.loads(tokenizer.to_str())["model"]
+    vocab = dict(trained["vocab"])
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in trained["merges"]]
+
+    first = QWEN2_FIRST_SPECIAL_ID if first_special_id is None else first_special_id
+    if first < len(vocab):
+        raise ValueError(f"first_special_id {first} collides with the {len(vocab)} learned tokens")
+    specials = special_token_ids(first)
+    vocab.update(specials)
+    qwen_tokenizer = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=merges,
+        unk_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        model_max_length=32768,
+        extra_special_tokens=[t for t in QWEN2_SPECIAL_TOKENS if t != "<|endoftext|>"],
+    )
+    qwen_tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN2_SPECIAL_TOKENS])
+    for token, token_id in specials.items():
+        if qwen_tokenizer.convert_tokens_to_ids(token) != token_id:
+            raise RuntimeError(f"special token {token} did not land on id {token_id}")
+    return qwen_tokenizer

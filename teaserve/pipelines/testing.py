@@ -1,0 +1,113 @@
+"""Tiny random models, built offline in code and saved as complete diffusers folders.
+
+They load through exactly the same path as real checkpoints and run in well under a second on a CPU, which
+makes them the fixtures of teaserve's tests and a quick way to try the server without any download:
+
+    from teaserve.pipelines.testing import build_tiny_qwen_image
+    folder = build_tiny_qwen_image("/tmp/tiny-qwen")
+    teaserve serve /tmp/tiny-qwen
+
+Component configurations follow diffusers' own fast tests; weights are random (seeded), so the images are noise.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .loading import MODEL_PROFILE_FILE
+from .offline_tokenizers import build_qwen2_tokenizer
+
+TINY_SIZE = 32
+TEST_WORDS = (
+    "a cat dog photo of red green blue sky sunset painting squirrel eating burger hello world "
+    "test prompt bad quality make it dance monkey"
+)
+
+
+def _eval(*modules):
+    # Models built from a config start in train mode (dropout on); from_pretrained gives eval mode.
+    for module in modules:
+        module.eval()
+
+
+def tiny_qwen_components(*, seed: int = 0, num_layers: int = 2) -> dict:
+    """The five components of a tiny Qwen-Image pipeline (text encoder with the real special-token ids)."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=num_layers,
+        attention_head_dim=16,
+        num_attention_heads=3,
+        joint_attention_dim=16,
+        guidance_embeds=False,
+        axes_dims_rope=(8, 4, 4),
+    )
+    z_dim = 4
+    vae = AutoencoderKLQwenImage(
+        base_dim=z_dim * 6,
+        z_dim=z_dim,
+        dim_mult=[1, 2, 4],
+        num_res_blocks=1,
+        temperal_downsample=[False, True],
+        latents_mean=[0.0] * z_dim,
+        latents_std=[1.0] * z_dim,
+    )
+    text_encoder = Qwen2_5_VLForConditionalGeneration(
+        Qwen2_5_VLConfig(
+            text_config={
+                "hidden_size": 16,
+                "intermediate_size": 16,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "num_key_value_heads": 2,
+                "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+                "rope_theta": 1000000.0,
+            },
+            vision_config={
+                "depth": 2,
+                "hidden_size": 16,
+                "intermediate_size": 16,
+                "num_heads": 2,
+                "out_hidden_size": 16,
+            },
+            hidden_size=16,
+            vocab_size=152064,
+            vision_end_token_id=151653,
+            vision_start_token_id=151652,
+            vision_token_id=151654,
+        )
+    )
+    _eval(transformer, vae, text_encoder)
+    return {
+        "transformer": transformer,
+        "vae": vae,
+        "scheduler": FlowMatchEulerDiscreteScheduler(),
+        "text_encoder": text_encoder,
+        "tokenizer": build_qwen2_tokenizer([TEST_WORDS]),
+    }
+
+
+def write_profile(folder: Path, **profile) -> None:
+    (Path(folder) / MODEL_PROFILE_FILE).write_text(json.dumps(profile, indent=2) + "\n")
+
+
+def build_tiny_qwen_image(folder: str | Path, *, seed: int = 0, num_layers: int = 2) -> Path:
+    """Write a tiny random QwenImagePipeline (text to image) to `folder` and return its path."""
+    from diffusers import QwenImagePipeline
+
+    folder = Path(folder)
+    QwenImagePipeline(**tiny_qwen_components(seed=seed, num_layers=num_layers)).save_pretrained(folder)
+    write_profile(
+        folder,
+        served_model_name="teaserve/tiny-qwen-image",
+        defaults={"width": TINY_SIZE, "height": TINY_SIZE, "num_inference_steps": 8},
+    )
+    return folder
