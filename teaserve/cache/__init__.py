@@ -6,10 +6,11 @@ import os
 from typing import Any
 
 from .base import CacheBackend, NoCache, parse_config, parse_config_json
+from .teacache import TeaCacheBackend, TeaCacheConfig
 
 CACHE_BACKEND_ENV = "DIFFUSION_CACHE_BACKEND"
 
-CACHE_BACKENDS: dict[str, type[CacheBackend]] = {NoCache.name: NoCache}
+CACHE_BACKENDS: dict[str, type[CacheBackend]] = {NoCache.name: NoCache, TeaCacheBackend.name: TeaCacheBackend}
 
 
 def cache_backend_names() -> list[str]:
@@ -35,6 +36,8 @@ __all__ = [
     "CACHE_BACKEND_ENV",
     "CacheBackend",
     "NoCache",
+    "TeaCacheBackend",
+    "TeaCacheConfig",
     "cache_backend_names",
     "create_cache_backend",
     "parse_config",
