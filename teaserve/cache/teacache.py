@@ -238,7 +238,10 @@ class BlockIO:
         return tuple(output)
 
 
-def _bind(signature: inspect.Signature, args, kwargs) -> dict[str, Any]:
+def _arguments(signature: inspect.Signature, args, kwargs) -> dict[str, Any]:
+    # Transformers call their blocks with keyword arguments; binding the signature (slow) is the fallback.
+    if not args:
+        return kwargs
     return signature.bind_partial(None, *args, **kwargs).arguments
 
 
@@ -259,7 +262,7 @@ class TeaCacheBlockHook(ModelHook):
             return self.fn_ref.original_forward(*args, **kwargs)
         state: BranchState = self.state_manager.get_state()
         if state.skipping:
-            return self.io.join(*self.io.inputs(_bind(self._signature, args, kwargs)))
+            return self.io.join(*self.io.inputs(_arguments(self._signature, args, kwargs)))
         output = self.fn_ref.original_forward(*args, **kwargs)
         if self.is_tail:
             self._store_residuals(state, output)
@@ -287,7 +290,7 @@ class TeaCacheHeadHook(TeaCacheBlockHook):
         clock = self.clock
         if not clock.enabled:
             return self.fn_ref.original_forward(*args, **kwargs)
-        arguments = _bind(self._signature, args, kwargs)
+        arguments = _arguments(self._signature, args, kwargs)
         state: BranchState = self.state_manager.get_state()
         branch = self.state_manager.context.name
         stats = clock.branches.setdefault(branch, BranchStats())

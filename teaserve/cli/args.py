@@ -9,6 +9,7 @@ from .. import __version__
 from ..cache import CACHE_BACKEND_ENV, cache_backend_names, parse_config_json
 from ..engine import DEFAULT_MAX_QUEUE_SIZE
 from ..pipelines import DTYPE_CHOICES
+from .bench import DEFAULT_THRESHOLDS, Variant
 
 
 def _cache_config(text: str) -> dict:
@@ -89,6 +90,52 @@ def _add_generate(subparsers) -> None:
     _add_model_flags(generate)
 
 
+def _floats(text: str) -> list[float]:
+    return [float(part) for part in text.split(",") if part.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+def _variant(text: str) -> Variant:
+    name, separator, config = text.partition("=")
+    if not separator:
+        raise argparse.ArgumentTypeError(f"a variant looks like NAME=JSON, got {text!r}")
+    try:
+        settings = json.loads(config)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"variant {name!r}: not valid JSON ({error.msg})") from None
+    if not isinstance(settings, dict):
+        raise argparse.ArgumentTypeError(f"variant {name!r}: expected a JSON object")
+    return Variant(name, settings)
+
+
+def _add_bench(subparsers) -> None:
+    parser = subparsers.add_parser("bench", help="measure cached against uncached speed and quality")
+    parser.add_argument("model", nargs="?", default=None, help="model folder or hub id (default: the embedded model)")
+    parser.add_argument("--thresholds", type=_floats, default=list(DEFAULT_THRESHOLDS), help="comma-separated")
+    parser.add_argument("--prompts", default=None, help="file with one prompt per line (default: built-in prompts)")
+    parser.add_argument("--num-prompts", type=int, default=None, help="use only the first N prompts")
+    parser.add_argument("--seeds", type=_ints, default=[0], help="comma-separated seeds")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    parser.add_argument("--size", default=None, help="WIDTHxHEIGHT (default: the model's)")
+    parser.add_argument("--true-cfg-scale", type=float, default=None)
+    parser.add_argument(
+        "--variant",
+        type=_variant,
+        action="append",
+        default=None,
+        metavar="NAME=JSON",
+        help="cache settings to sweep the thresholds on (repeatable; default: the server settings)",
+    )
+    parser.add_argument("--warmup", type=int, default=1, help="uncached warm-up runs, not counted")
+    parser.add_argument("--json", default=None, help="also write the table as JSON here")
+    parser.add_argument("--plot", default=None, help="also draw speedup against PSNR into this PNG")
+
+    _add_model_flags(parser)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="teaserve", description="OpenAI-compatible diffusion server with training-free step caching."
@@ -97,4 +144,5 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_serve(subparsers)
     _add_generate(subparsers)
+    _add_bench(subparsers)
     return parser

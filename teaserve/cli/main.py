@@ -18,6 +18,8 @@ def main(argv: list[str] | None = None) -> int:
         from .serve import run
     elif args.command == "generate":
         from .generate import run
+    elif args.command == "bench":
+        from .bench import run
     try:
         return run(args)
     except ValueError as error:  # bad input: one clear line, no traceback

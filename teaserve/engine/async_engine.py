@@ -78,7 +78,8 @@ class AsyncEngine:
     """Owns one model on one worker thread; usable from threads (`submit`) and from asyncio (`generate`).
 
     Requests run one at a time in submission order. The queue is bounded: when it is full, `submit` raises
-    QueueFullError (or waits, with block=True).
+    QueueFullError (or waits, with block=True). `profile=True` also times the transformer, synchronising the
+    device around each call (for benchmarks).
     """
 
     def __init__(
@@ -90,6 +91,7 @@ class AsyncEngine:
         device: str | None = None,
         dtype: str | None = None,
         max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
+        profile: bool = False,
     ):
         if isinstance(max_queue_size, bool) or not isinstance(max_queue_size, int) or max_queue_size < 1:
             raise ValueError(f"max_queue_size must be a positive integer, got {max_queue_size!r}")
@@ -98,7 +100,7 @@ class AsyncEngine:
         # The model's own recommendation (e.g. calibrated coefficients) under the user's settings.
         config = {**self.model.cache_defaults.get(self.cache_backend_name, {}), **(cache_config or {})}
         self.cache = create_cache_backend(self.cache_backend_name, config)
-        self._worker = ModelWorker(self.model, self.cache)
+        self._worker = ModelWorker(self.model, self.cache, profile=profile)
         self.max_queue_size = max_queue_size
         self._queue: queue.Queue[RequestHandle | None] = queue.Queue(maxsize=max_queue_size)
         self._active: dict[str, RequestHandle] = {}

@@ -119,6 +119,8 @@ class RequestMetrics:
     steps: int
     """Denoising steps completed."""
     transformer_calls: int
+    transformer_seconds: float | None = None
+    """Time inside the transformer (device-synchronised); measured only by engines built with profile=True."""
     cache: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:

@@ -17,16 +17,33 @@ ProgressCallback = Callable[[ProgressEvent], None]
 class ModelWorker:
     """Runs requests on one loaded model. Not thread-safe: the engine calls it from its single worker thread."""
 
-    def __init__(self, model: LoadedModel, cache: CacheBackend):
+    def __init__(self, model: LoadedModel, cache: CacheBackend, *, profile: bool = False):
         self.model = model
         self.cache = cache
+        self.profile = profile
         self._transformer_calls = 0
+        self._transformer_seconds = 0.0
+        self._transformer_started = 0.0
         self._mask_pipeline = None
         cache.apply(model.pipeline)
-        model.pipeline.transformer.register_forward_pre_hook(self._count_transformer_call)
+        transformer = model.pipeline.transformer
+        transformer.register_forward_pre_hook(self._transformer_starts)
+        if profile:
+            transformer.register_forward_hook(self._transformer_ends)
 
-    def _count_transformer_call(self, module, args) -> None:
+    def _synchronize(self) -> None:
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize(self.model.device)
+
+    def _transformer_starts(self, module, args) -> None:
         self._transformer_calls += 1
+        if self.profile:
+            self._synchronize()
+            self._transformer_started = time.perf_counter()
+
+    def _transformer_ends(self, module, args, output) -> None:
+        self._synchronize()
+        self._transformer_seconds += time.perf_counter() - self._transformer_started
 
     def _pipeline_for(self, request: GenerationRequest):
         if request.prompt.mask is None:
@@ -86,6 +103,7 @@ class ModelWorker:
 
         self.cache.begin_request(request.num_inference_steps, request.params.cache_config)
         self._transformer_calls = 0
+        self._transformer_seconds = 0.0
         started = time.perf_counter()
         output = pipe(**kwargs, callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"])
         seconds = time.perf_counter() - started
@@ -104,6 +122,7 @@ class ModelWorker:
                 num_inference_steps=request.num_inference_steps,
                 steps=steps_done,
                 transformer_calls=self._transformer_calls,
+                transformer_seconds=self._transformer_seconds if self.profile else None,
                 cache=self.cache.stats(),
             ),
         )

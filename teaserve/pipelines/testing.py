@@ -33,8 +33,14 @@ def _eval(*modules):
         module.eval()
 
 
-def tiny_qwen_components(*, seed: int = 0, num_layers: int = 2) -> dict:
-    """The five components of a tiny Qwen-Image pipeline (text encoder with the real special-token ids)."""
+def tiny_qwen_components(
+    *, seed: int = 0, num_layers: int = 2, num_attention_heads: int = 3, vae_base_dim: int = 24
+) -> dict:
+    """The five components of a tiny Qwen-Image pipeline (text encoder with the real special-token ids).
+
+    The defaults are diffusers' fast-test configuration; more layers and heads give a transformer-dominated
+    model for speed benchmarks.
+    """
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -45,14 +51,14 @@ def tiny_qwen_components(*, seed: int = 0, num_layers: int = 2) -> dict:
         out_channels=4,
         num_layers=num_layers,
         attention_head_dim=16,
-        num_attention_heads=3,
+        num_attention_heads=num_attention_heads,
         joint_attention_dim=16,
         guidance_embeds=False,
         axes_dims_rope=(8, 4, 4),
     )
     z_dim = 4
     vae = AutoencoderKLQwenImage(
-        base_dim=z_dim * 6,
+        base_dim=vae_base_dim,
         z_dim=z_dim,
         dim_mult=[1, 2, 4],
         num_res_blocks=1,
@@ -99,12 +105,14 @@ def write_profile(folder: Path, **profile) -> None:
     (Path(folder) / MODEL_PROFILE_FILE).write_text(json.dumps(profile, indent=2) + "\n")
 
 
-def build_tiny_qwen_image(folder: str | Path, *, seed: int = 0, num_layers: int = 2) -> Path:
-    """Write a tiny random QwenImagePipeline (text to image) to `folder` and return its path."""
+def build_tiny_qwen_image(folder: str | Path, *, seed: int = 0, **sizes) -> Path:
+    """Write a tiny random QwenImagePipeline (text to image) to `folder` and return its path.
+
+    `sizes` go to `tiny_qwen_components` (num_layers, num_attention_heads, vae_base_dim)."""
     from diffusers import QwenImagePipeline
 
     folder = Path(folder)
-    QwenImagePipeline(**tiny_qwen_components(seed=seed, num_layers=num_layers)).save_pretrained(folder)
+    QwenImagePipeline(**tiny_qwen_components(seed=seed, **sizes)).save_pretrained(folder)
     write_profile(
         folder,
         served_model_name="teaserve/tiny-qwen-image",
