@@ -154,8 +154,21 @@ class AsyncEngine:
         if prompt.mask is not None and not family.supports_mask:
             raise ValueError(f"masks are not supported by model {model.name} ({model.architecture})")
 
+        if prompt.mask is not None and prompt.mask.size != prompt.images[0].size:
+            raise ValueError(
+                f"the mask ({prompt.mask.width}x{prompt.mask.height}) must have the size of the first image "
+                f"({prompt.images[0].width}x{prompt.images[0].height})"
+            )
+        resolution = params.resolution or defaults.resolution
         multiple = model.size_multiple
-        if params.width is not None:
+        fixed = family.fixed_output_size(model.pipeline, prompt.images, resolution) if prompt.images else None
+        if fixed is not None:
+            if params.width is not None:
+                raise ValueError(
+                    f"{model.architecture} sizes its output from the input image and resolution; omit size"
+                )
+            width, height = fixed
+        elif params.width is not None:
             width, height = params.width, params.height
             if width % multiple or height % multiple:
                 raise ValueError(
@@ -189,7 +202,7 @@ class AsyncEngine:
             seed=random.SystemRandom().randrange(2**32) if params.seed is None else params.seed,
             num_outputs=params.num_outputs_per_prompt,
             layers=params.layers or defaults.layers,
-            resolution=params.resolution or defaults.resolution,
+            resolution=resolution,
             preview_steps=preview_steps(steps, num_previews),
         )
 

@@ -67,7 +67,7 @@ class ModelWorker:
             prompt=prompt.prompt,
             negative_prompt=request.negative_prompt,
             images=[family.prepare_image(image) for image in prompt.images],
-            mask=prompt.mask,
+            mask=None if prompt.mask is None else family.prepare_mask(prompt.mask),
             width=request.width,
             height=request.height,
             num_inference_steps=request.num_inference_steps,
@@ -81,22 +81,19 @@ class ModelWorker:
         )
         kwargs = family.call_kwargs(pipe, inputs)
         steps_done = 0
-        previous_latents = None
+        previous_latents = final_latents = None
 
         def on_step_end(pipeline, step_index: int, timestep, callback_kwargs: dict) -> dict:
-            nonlocal steps_done, previous_latents
+            nonlocal steps_done, previous_latents, final_latents
             steps_done = step_index + 1
             self.cache.set_step(step_index + 1)
             if should_stop():
                 raise RequestCancelledError(f"request {request.request_id} was cancelled after {steps_done} steps")
-            latents = callback_kwargs["latents"]
+            latents = final_latents = callback_kwargs["latents"]
             previews = None
             if step_index in request.preview_steps:
-                previews = family.preview(
-                    pipeline, step_index, previous_latents, latents, request.width, request.height
-                )
-            if request.preview_steps:
-                previous_latents = latents
+                previews = family.preview(pipeline, step_index, previous_latents, latents, inputs)
+            previous_latents = latents
             if on_progress is not None:
                 on_progress(ProgressEvent(request.request_id, steps_done, request.num_inference_steps, previews))
             return callback_kwargs
@@ -105,9 +102,10 @@ class ModelWorker:
         self._transformer_calls = 0
         self._transformer_seconds = 0.0
         started = time.perf_counter()
-        output = pipe(**kwargs, callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"])
+        with torch.inference_mode():
+            output = pipe(**kwargs, callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"])
+            images = family.output_images(pipe, output, inputs, final_latents)
         seconds = time.perf_counter() - started
-        images = family.output_images(output)
         return RequestOutput(
             request_id=request.request_id,
             prompt=prompt.prompt,

@@ -105,8 +105,16 @@ class ModelFamily:
             return Image.alpha_composite(background, rgba).convert("RGB")
         return image.convert("RGB")
 
-    def output_images(self, output) -> list[Image.Image]:
-        """The images of a pipeline call's output, flat, in order."""
+    def prepare_mask(self, mask: Image.Image) -> Image.Image:
+        """Convert a decoded mask to what the inpainting pipeline expects."""
+        return mask
+
+    def fixed_output_size(self, pipe, images: list[Image.Image], resolution: int | None) -> tuple[int, int] | None:
+        """For models that size their output themselves: that size (a request cannot choose one); else None."""
+        return None
+
+    def output_images(self, pipe, output, inputs: PipelineInputs, final_latents: torch.Tensor) -> list[Image.Image]:
+        """The images of a pipeline call's output, flat, in order (`final_latents`: the last step's latents)."""
         return list(output.images)
 
     def call_kwargs(self, pipe, inputs: PipelineInputs) -> dict[str, Any]:
@@ -116,12 +124,12 @@ class ModelFamily:
         """The pipeline that runs masked edits (inpainting) for this model, or None when it has none."""
         return None
 
-    def decode_preview(self, pipe, latents: torch.Tensor, width: int, height: int) -> list[Image.Image]:
+    def decode_preview(self, pipe, latents: torch.Tensor, inputs: PipelineInputs) -> list[Image.Image]:
         """Decode packed latents of an intermediate step into preview images."""
         raise NotImplementedError
 
     def preview(
-        self, pipe, step_index: int, previous: torch.Tensor | None, current: torch.Tensor, width: int, height: int
+        self, pipe, step_index: int, previous: torch.Tensor | None, current: torch.Tensor, inputs: PipelineInputs
     ) -> list[Image.Image]:
         """A preview of the final image after `step_index`.
 
@@ -136,7 +144,7 @@ class ModelFamily:
             if s0 != s1:
                 velocity = (current - previous) / (s1 - s0)
                 estimate = current - s1 * velocity
-        return self.decode_preview(pipe, estimate, width, height)
+        return self.decode_preview(pipe, estimate, inputs)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.architecture})"

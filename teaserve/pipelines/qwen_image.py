@@ -1,28 +1,33 @@
-"""The Qwen-Image family: text-to-image (QwenImagePipeline)."""
+"""The Qwen-Image family: text to image, Edit, Edit-Plus (2509: several input images) and Layered."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
 from .base import GenerationDefaults, ModelFamily, PipelineInputs
+from .qwen_processor import load_processor_without_torchvision
 from .registry import register_family
 
-# The Qwen-Image model card samples with a blank negative prompt and true CFG 4.0.
+# The Qwen-Image model cards sample with a blank negative prompt and true CFG 4.0.
 QWEN_DEFAULTS = GenerationDefaults(num_inference_steps=50, true_cfg_scale=4.0, negative_prompt=" ")
 
 
 def decode_packed_latents(pipe, latents: torch.Tensor, width: int, height: int) -> list[Image.Image]:
-    """Decode packed Qwen-Image latents exactly as the pipeline's final step does."""
+    """Decode packed Qwen-Image latents exactly as the pipelines' final step does."""
     latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor).to(pipe.vae.dtype)
-    config = pipe.vae.config
-    shape = (1, config.z_dim, 1, 1, 1)
-    mean = torch.tensor(config.latents_mean).view(shape).to(latents)
-    std = torch.tensor(config.latents_std).view(shape).to(latents)
-    image = pipe.vae.decode(latents * std + mean, return_dict=False)[0][:, :, 0]
+    image = pipe.vae.decode(_denormalize(pipe.vae, latents), return_dict=False)[0][:, :, 0]
     return pipe.image_processor.postprocess(image, output_type="pil")
+
+
+def _denormalize(vae, latents: torch.Tensor) -> torch.Tensor:
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents)
+    std = torch.tensor(vae.config.latents_std).view(shape).to(latents)
+    return latents * std + mean
 
 
 class QwenImage(ModelFamily):
@@ -30,15 +35,13 @@ class QwenImage(ModelFamily):
     pipeline_class = "QwenImagePipeline"
     defaults = QWEN_DEFAULTS
 
-    def call_kwargs(self, pipe, inputs: PipelineInputs) -> dict[str, Any]:
+    def common_kwargs(self, pipe, inputs: PipelineInputs) -> dict[str, Any]:
         do_cfg = inputs.true_cfg_scale > 1 and inputs.negative_prompt is not None
         kwargs = {
             "prompt": inputs.prompt,
-            # The pipeline runs true CFG exactly when it gets a negative prompt and a scale above 1.
+            # The pipelines run true CFG exactly when they get a negative prompt and a scale above 1.
             "negative_prompt": inputs.negative_prompt if do_cfg else None,
             "true_cfg_scale": inputs.true_cfg_scale,
-            "width": inputs.width,
-            "height": inputs.height,
             "num_inference_steps": inputs.num_inference_steps,
             "num_images_per_prompt": inputs.num_outputs,
             "generator": inputs.generators,
@@ -48,8 +51,131 @@ class QwenImage(ModelFamily):
             kwargs["guidance_scale"] = inputs.guidance_scale
         return kwargs
 
-    def decode_preview(self, pipe, latents, width, height):
-        return decode_packed_latents(pipe, latents, width, height)
+    def call_kwargs(self, pipe, inputs: PipelineInputs) -> dict[str, Any]:
+        return {**self.common_kwargs(pipe, inputs), "width": inputs.width, "height": inputs.height}
+
+    def decode_preview(self, pipe, latents, inputs):
+        return decode_packed_latents(pipe, latents, inputs.width, inputs.height)
+
+
+class QwenImageEdit(QwenImage):
+    """One input image; masked edits run QwenImageEditInpaintPipeline on the same components."""
+
+    architecture = "QwenImageEditPipeline"
+    pipeline_class = "QwenImageEditPipeline"
+    task = "image-edit"
+    min_input_images = 1
+    max_input_images = 1
+    supports_mask = True
+
+    def load(self, source, device, dtype):
+        import diffusers
+
+        cls = getattr(diffusers, self.pipeline_class)
+        extra = {}
+        processor = load_processor_without_torchvision(Path(source))
+        if processor is not None:
+            extra["processor"] = processor
+        return cls.from_pretrained(str(source), dtype=dtype, **extra).to(device)
+
+    def edit_image(self, inputs: PipelineInputs):
+        return inputs.images[0]
+
+    def call_kwargs(self, pipe, inputs):
+        kwargs = {**super().call_kwargs(pipe, inputs), "image": self.edit_image(inputs)}
+        if inputs.mask is not None:
+            # strength 1: the masked area is repainted over all the steps, so step indices match the request's.
+            kwargs.update(mask_image=inputs.mask, strength=1.0)
+        return kwargs
+
+    def mask_pipeline(self, pipe):
+        from diffusers import QwenImageEditInpaintPipeline
+
+        return QwenImageEditInpaintPipeline.from_pipe(pipe)
+
+    def prepare_mask(self, mask: Image.Image) -> Image.Image:
+        """OpenAI masks mark the area to edit with transparency; diffusers repaints where the mask is white."""
+        if mask.mode in ("RGBA", "LA") or "transparency" in mask.info:
+            alpha = mask.convert("RGBA").getchannel("A")
+            return alpha.point(lambda value: 255 if value == 0 else 0).convert("RGB")
+        return mask.convert("L").convert("RGB")
+
+
+class QwenImageEditPlus(QwenImageEdit):
+    """Qwen-Image-Edit-2509 and later: one to three input images, no masked edits."""
+
+    architecture = "QwenImageEditPlusPipeline"
+    pipeline_class = "QwenImageEditPlusPipeline"
+    max_input_images = 3
+    supports_mask = False
+    defaults = GenerationDefaults(num_inference_steps=40, true_cfg_scale=4.0, negative_prompt=" ")
+
+    def edit_image(self, inputs: PipelineInputs):
+        return list(inputs.images)
+
+
+class QwenImageLayered(QwenImageEdit):
+    """Decomposes one image into `layers` RGBA layers; returns the recomposed image first, then each layer."""
+
+    architecture = "QwenImageLayeredPipeline"
+    pipeline_class = "QwenImageLayeredPipeline"
+    task = "image-layers"
+    supports_mask = False
+    defaults = GenerationDefaults(
+        num_inference_steps=50, true_cfg_scale=4.0, negative_prompt=" ", layers=4, resolution=640
+    )
+
+    def prepare_image(self, image: Image.Image) -> Image.Image:
+        return image.convert("RGBA")
+
+    def fixed_output_size(self, pipe, images, resolution):
+        """The pipeline sizes its output from `resolution` and the input's aspect ratio."""
+        from diffusers.pipelines.qwenimage.pipeline_qwenimage_layered import calculate_dimensions
+
+        image_width, image_height = images[0].size
+        width, height = calculate_dimensions(resolution * resolution, image_width / image_height)
+        multiple = self.size_multiple(pipe)
+        return width // multiple * multiple, height // multiple * multiple
+
+    def call_kwargs(self, pipe, inputs):
+        kwargs = self.common_kwargs(pipe, inputs)
+        kwargs.update(
+            image=inputs.images[0],
+            layers=inputs.layers,
+            resolution=inputs.resolution,
+            cfg_normalize=True,
+            use_en_prompt=True,
+        )
+        return kwargs
+
+    def output_images(self, pipe, output, inputs, final_latents):
+        # The pipeline returns the layers only (its per-output lists are mis-sliced when there are several):
+        # flatten them and put each output's recomposed image, decoded from frame 0, in front of its layers.
+        layers = [image for group in output.images for image in group]
+        composites = self.decode_frames(pipe, final_latents, inputs)[:: inputs.layers + 1]
+        images = []
+        for index, composite in enumerate(composites):
+            images += [composite, *layers[index * inputs.layers : (index + 1) * inputs.layers]]
+        return images
+
+    def decode_frames(self, pipe, latents, inputs: PipelineInputs) -> list[Image.Image]:
+        """Every frame of every output: the recomposed image first, then its layers, output after output."""
+        frames = pipe._unpack_latents(latents, inputs.height, inputs.width, inputs.layers, pipe.vae_scale_factor)
+        frames = frames.to(pipe.vae.dtype)
+        frames = _denormalize(pipe.vae, frames)
+        batch, channels, count, latent_height, latent_width = frames.shape
+        frames = frames.permute(0, 2, 1, 3, 4).reshape(batch * count, channels, 1, latent_height, latent_width)
+        decoded = pipe.vae.decode(frames, return_dict=False)[0].squeeze(2)
+        return pipe.image_processor.postprocess(decoded, output_type="pil")
+
+    def decode_preview(self, pipe, latents, inputs):
+        return self.decode_frames(pipe, latents, inputs)[:: inputs.layers + 1]  # each output's recomposed image
+
+    def mask_pipeline(self, pipe):
+        return None
 
 
 register_family(QwenImage())
+register_family(QwenImageEdit())
+register_family(QwenImageEditPlus())
+register_family(QwenImageLayered())

@@ -12,6 +12,7 @@ Component configurations follow diffusers' own fast tests; weights are random (s
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -34,7 +35,13 @@ def _eval(*modules):
 
 
 def tiny_qwen_components(
-    *, seed: int = 0, num_layers: int = 2, num_attention_heads: int = 3, vae_base_dim: int = 24
+    *,
+    seed: int = 0,
+    num_layers: int = 2,
+    num_attention_heads: int = 3,
+    vae_base_dim: int = 24,
+    image_channels: int = 3,
+    layered: bool = False,
 ) -> dict:
     """The five components of a tiny Qwen-Image pipeline (text encoder with the real special-token ids).
 
@@ -44,25 +51,29 @@ def tiny_qwen_components(
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+    # Layered pipelines take an RGBA image for latents when its channel count equals z_dim: keep them apart.
+    z_dim = 8 if layered else 4
     torch.manual_seed(seed)
     transformer = QwenImageTransformer2DModel(
         patch_size=2,
-        in_channels=16,
-        out_channels=4,
+        in_channels=4 * z_dim,
+        out_channels=z_dim,
         num_layers=num_layers,
         attention_head_dim=16,
         num_attention_heads=num_attention_heads,
         joint_attention_dim=16,
         guidance_embeds=False,
         axes_dims_rope=(8, 4, 4),
+        use_layer3d_rope=layered,
+        use_additional_t_cond=layered,
     )
-    z_dim = 4
     vae = AutoencoderKLQwenImage(
         base_dim=vae_base_dim,
         z_dim=z_dim,
         dim_mult=[1, 2, 4],
         num_res_blocks=1,
         temperal_downsample=[False, True],
+        input_channels=image_channels,
         latents_mean=[0.0] * z_dim,
         latents_std=[1.0] * z_dim,
     )
@@ -119,3 +130,70 @@ def build_tiny_qwen_image(folder: str | Path, *, seed: int = 0, **sizes) -> Path
         defaults={"width": TINY_SIZE, "height": TINY_SIZE, "num_inference_steps": 8},
     )
     return folder
+
+
+EDIT_PIPELINES = {
+    "edit": "QwenImageEditPipeline",
+    "edit_plus": "QwenImageEditPlusPipeline",
+    "layered": "QwenImageLayeredPipeline",
+}
+
+
+def build_tiny_qwen_image_edit(folder: str | Path, *, kind: str = "edit", seed: int = 0) -> Path:
+    """Write a tiny random Qwen-Image edit pipeline: kind "edit", "edit_plus" (2509) or "layered".
+
+    The folder is laid out like a real checkpoint: model_index.json names transformers' Qwen2VLProcessor, which
+    teaserve loads without torchvision where torchvision is missing.
+    """
+    import diffusers
+
+    from .qwen_processor import PROCESSOR_ENTRY, build_processor
+
+    if kind not in EDIT_PIPELINES:
+        raise ValueError(f"unknown kind {kind!r}; valid kinds: {', '.join(EDIT_PIPELINES)}")
+    folder = Path(folder)
+    layered = kind == "layered"
+    components = tiny_qwen_components(seed=seed, image_channels=4 if layered else 3, layered=layered)
+    components["processor"] = build_processor(components["tokenizer"])
+    getattr(diffusers, EDIT_PIPELINES[kind])(**components).save_pretrained(folder)
+    index_path = folder / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["processor"] = PROCESSOR_ENTRY
+    index_path.write_text(json.dumps(index, indent=2) + "\n")
+    for config in (folder / "processor").glob("*.json"):
+        data = json.loads(config.read_text())
+        if data.get("processor_class"):
+            data["processor_class"] = PROCESSOR_ENTRY[1]
+            config.write_text(json.dumps(data, indent=2) + "\n")
+    defaults = {"width": TINY_SIZE, "height": TINY_SIZE, "num_inference_steps": 8}
+    if layered:
+        defaults = {"num_inference_steps": 8, "layers": 2, "resolution": 640}
+    write_profile(folder, served_model_name=f"teaserve/tiny-qwen-image-{kind.replace('_', '-')}", defaults=defaults)
+    return folder
+
+
+@contextlib.contextmanager
+def small_edit_condition_images(area: int = 64 * 64):
+    """Cap the area the Edit pipelines resize condition images to (normally about 1024x1024; Layered: 640x640).
+
+    On a CPU the tiny VAE needs seconds to encode a 1024x1024 condition image; tests that check behaviour, not
+    image quality, cap it so that an edit runs in a fraction of a second.
+    """
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as edit
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_inpaint as inpaint
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as edit_plus
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_layered as layered
+
+    originals = {module: module.calculate_dimensions for module in (edit, inpaint, edit_plus, layered)}
+    try:
+        for module, original in originals.items():
+            module.calculate_dimensions = lambda target, ratio, original=original: original(min(target, area), ratio)
+        edit_plus.VAE_IMAGE_SIZE, edit_plus.CONDITION_IMAGE_SIZE = (
+            min(edit_plus.VAE_IMAGE_SIZE, area),
+            min(edit_plus.CONDITION_IMAGE_SIZE, area),
+        )
+        yield
+    finally:
+        for module, original in originals.items():
+            module.calculate_dimensions = original
+        edit_plus.VAE_IMAGE_SIZE, edit_plus.CONDITION_IMAGE_SIZE = 1024 * 1024, 384 * 384

@@ -1,0 +1,52 @@
+"""Routes of the Images API; the logic lives in ImageServing."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from ..protocol import ErrorResponse
+from .protocol import ImageEditRequest, ImageGenerationRequest, ImagesResponse
+from .serving import ImageServing
+
+router = APIRouter(tags=["images"])
+
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 503)}
+
+_EDIT_FORM_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image", "prompt"],
+                    "properties": {
+                        "image": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                        "mask": {"type": "string", "format": "binary"},
+                        **{
+                            name: {"type": "string", "description": field.description or ""}
+                            for name, field in ImageEditRequest.model_fields.items()
+                        },
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+def _serving(request: Request) -> ImageServing:
+    return request.app.state.image_serving
+
+
+@router.post("/v1/images/generations", response_model=ImagesResponse, responses=ERRORS)
+async def create_image(body: ImageGenerationRequest, request: Request) -> Response:
+    """Generate images from a prompt (JSON). `stream: true` answers with server-sent events."""
+    return await _serving(request).generate(body, request)
+
+
+@router.post("/v1/images/edits", response_model=ImagesResponse, responses=ERRORS, openapi_extra=_EDIT_FORM_SCHEMA)
+async def create_image_edit(request: Request) -> Response:
+    """Edit one or several images (multipart: `image` or `image[]`, optional `mask`, `prompt`, options)."""
+    return await _serving(request).edit(request)

@@ -1,0 +1,366 @@
+"""The logic behind /v1/images/generations and /v1/images/edits."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from PIL import Image
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
+
+from ...engine import (
+    AsyncEngine,
+    EngineStoppedError,
+    GenerationError,
+    GenerationRequest,
+    InvalidImageError,
+    OmniDiffusionSamplingParams,
+    ProgressEvent,
+    PromptInput,
+    QueueFullError,
+    RequestOutput,
+    open_image,
+)
+from ...engine.params import parse_size
+from ..errors import OpenAIError, _validation_message
+from ..metrics import ServerMetrics
+from .protocol import ImageData, ImageEditRequest, ImageGenerationRequest, ImageRequestFields, ImagesResponse
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+MAX_INPUT_IMAGES = 16
+"""Files accepted in one edit request (OpenAI's limit); the model may take fewer."""
+MAX_FORM_FIELD_BYTES = 1024 * 1024
+PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+
+
+class ClientDisconnectedError(Exception):
+    """The client went away before its answer was ready."""
+
+
+async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it as soon as the client disconnects (the body must have been read)."""
+    task = asyncio.ensure_future(work)
+
+    async def wait_for_disconnect() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(wait_for_disconnect())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    raise ClientDisconnectedError
+
+
+def encode_image(image: Image.Image, output_format: str, compression: int | None) -> bytes:
+    buffer = io.BytesIO()
+    if output_format == "png":
+        image.save(buffer, format="PNG")
+    else:
+        if output_format == "jpeg" and image.mode != "RGB":
+            image = image.convert("RGB")
+        image.save(buffer, format=PIL_FORMATS[output_format], quality=100 if compression is None else compression)
+    return buffer.getvalue()
+
+
+def _param_of(message: str) -> str | None:
+    first = message.split(" ", 1)[0]
+    if first in ("width", "height", "size"):
+        return "size"
+    return first if first.isidentifier() and first in ImageRequestFields.model_fields else None
+
+
+def _bad_request(error: ValueError) -> OpenAIError:
+    param = getattr(error, "param", None) or _param_of(str(error))
+    if param is None and "cache" in str(error):
+        param = "cache_config"
+    return OpenAIError(400, str(error), param=param)
+
+
+class ImageServing:
+    """Turns OpenAI image requests into engine requests and engine outputs into OpenAI responses."""
+
+    def __init__(self, engine: AsyncEngine, model_names: list[str], metrics: ServerMetrics):
+        self.engine = engine
+        self.served_model_name = model_names[0]
+        self.model_names = set(model_names)
+        self.metrics = metrics
+
+    # -- entry points --------------------------------------------------------------------------------------
+    async def generate(self, body: ImageGenerationRequest, request: Request) -> Response:
+        return await self._observe(
+            "generations", self._serve("image_generation", PromptInput(body.prompt), body, request)
+        )
+
+    async def edit(self, request: Request) -> Response:
+        return await self._observe("edits", self._edit(request))
+
+    async def _observe(self, endpoint: str, work: Awaitable[Response]) -> Response:
+        started, status = time.perf_counter(), 500
+        try:
+            response = await work
+            status = response.status_code
+            return response
+        except OpenAIError as error:
+            status = error.status
+            raise
+        except ClientDisconnectedError:
+            status = "disconnected"
+            return Response(status_code=499)
+        finally:
+            self.metrics.observe(endpoint, status, time.perf_counter() - started)
+
+    # -- edits: multipart parsing ------------------------------------------------------------------------------
+    async def _edit(self, request: Request) -> Response:
+        try:
+            form = await request.form(
+                max_files=MAX_INPUT_IMAGES + 1, max_fields=100, max_part_size=MAX_FORM_FIELD_BYTES
+            )
+        except MultiPartException as error:
+            raise OpenAIError(400, f"invalid multipart form: {error.message}") from None
+        except AssertionError as error:  # starlette's answer to a non-multipart content type
+            raise OpenAIError(400, f"send the edit as multipart/form-data: {error}") from None
+        uploads: dict[str, list[bytes]] = {"image": [], "mask": []}
+        fields: dict[str, str] = {}
+        cache_config: dict[str, Any] = {}
+        for key, value in form.multi_items():
+            name = "image" if key in ("image", "image[]") else key
+            if name in uploads:
+                if not isinstance(value, UploadFile):
+                    raise OpenAIError(400, f"{key} must be a file upload", param=name)
+                uploads[name].append(await value.read())
+            elif key == "cache_config" or key.startswith("cache_config["):
+                cache_config.update(_form_cache_config(key, value))
+            elif isinstance(value, UploadFile):
+                raise OpenAIError(
+                    400, f"unexpected file in field {key!r}; files go in image, image[] or mask", param=key
+                )
+            elif key in fields:
+                raise OpenAIError(400, f"parameter {key!r} was given more than once", param=key)
+            else:
+                fields[key] = value
+        await form.close()
+        if not uploads["image"]:
+            raise OpenAIError(400, "an edit needs at least one input image (field image or image[])", param="image")
+        if len(uploads["image"]) > MAX_INPUT_IMAGES:
+            raise OpenAIError(400, f"at most {MAX_INPUT_IMAGES} input images are accepted", param="image")
+        if len(uploads["mask"]) > 1:
+            raise OpenAIError(400, "give at most one mask", param="mask")
+        try:
+            body = ImageEditRequest.model_validate_strings(fields)
+        except ValidationError as error:
+            message, param = _validation_message(error.errors()[0])
+            raise OpenAIError(400, message, param=param) from None
+        if cache_config:
+            body.cache_config = cache_config
+        try:
+            images = await asyncio.to_thread(lambda: [open_image(data, param="image") for data in uploads["image"]])
+            mask = None
+            if uploads["mask"]:
+                mask = await asyncio.to_thread(open_image, uploads["mask"][0], param="mask")
+        except InvalidImageError as error:
+            raise OpenAIError(400, str(error), param=error.param) from None
+        return await self._serve("image_edit", PromptInput(body.prompt, images=images, mask=mask), body, request)
+
+    # -- shared path -------------------------------------------------------------------------------------------
+    def _params(self, body: ImageRequestFields) -> OmniDiffusionSamplingParams:
+        if body.model is not None and body.model not in self.model_names:
+            raise OpenAIError(
+                404,
+                f"The model `{body.model}` does not exist; this server serves `{self.served_model_name}`",
+                param="model",
+                code="model_not_found",
+            )
+        if body.response_format == "url":
+            raise OpenAIError(
+                400,
+                "response_format 'url' is not supported: images are returned inline, use b64_json",
+                param="response_format",
+            )
+        if body.background == "transparent" and body.output_format == "jpeg":
+            raise OpenAIError(400, "a transparent background needs output_format png or webp", param="background")
+        try:
+            width, height = (None, None) if body.size in (None, "auto") else parse_size(body.size)
+            return OmniDiffusionSamplingParams(
+                num_inference_steps=body.num_inference_steps,
+                width=width,
+                height=height,
+                seed=body.seed,
+                negative_prompt=body.negative_prompt,
+                true_cfg_scale=body.true_cfg_scale,
+                guidance_scale=body.guidance_scale,
+                num_outputs_per_prompt=body.n,
+                layers=body.layers,
+                resolution=body.resolution,
+                cache_config=body.cache_config,
+            )
+        except ValueError as error:
+            raise _bad_request(error) from None
+
+    def _prepare(self, prompt: PromptInput, body: ImageRequestFields, request: Request) -> GenerationRequest:
+        params = self._params(body)
+        try:
+            prepared = self.engine.prepare(prompt, params, num_previews=body.partial_images if body.stream else 0)
+        except ValueError as error:
+            raise _bad_request(error) from None
+        if not request.state.client_request_id:  # the X-Request-Id we created is a fresh uuid: use it throughout
+            prepared.request_id = request.state.request_id
+        return prepared
+
+    async def _serve(self, kind: str, prompt: PromptInput, body: ImageRequestFields, request: Request) -> Response:
+        prepared = self._prepare(prompt, body, request)
+        if body.stream:
+            return StreamingResponse(
+                self._events(kind, prepared, body),
+                media_type="text/event-stream",
+                headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+            )
+        try:
+            output = await cancel_on_disconnect(request, self.engine.generate(prepared))
+        except Exception as error:
+            raise self._engine_error(error) from error
+        self.metrics.record_output(output)
+        data = await asyncio.to_thread(self._encode_all, output, body)
+        response = ImagesResponse(
+            created=int(time.time()),
+            data=[ImageData(b64_json=b64, seed=seed) for b64, seed in data],
+            background=self._background(output.images),
+            output_format=body.output_format,
+            size=f"{output.width}x{output.height}",
+            quality=body.quality,
+            id=output.request_id,
+            model=self.served_model_name,
+            metrics=_metrics(output),
+            cache=output.metrics.cache,
+        )
+        return JSONResponse(response.model_dump())
+
+    @staticmethod
+    def _engine_error(error: Exception) -> Exception:
+        if isinstance(error, QueueFullError):
+            return OpenAIError(429, str(error), code="queue_full", headers={"retry-after": str(error.retry_after)})
+        if isinstance(error, EngineStoppedError):
+            return OpenAIError(503, "the server is shutting down", code="shutting_down")
+        if isinstance(error, GenerationError):
+            # Deterministic failures would fail again: tell the SDK not to retry.
+            return OpenAIError(500, str(error), code="generation_failed", headers={"x-should-retry": "false"})
+        return error
+
+    @staticmethod
+    def _encode_all(output: RequestOutput, body: ImageRequestFields) -> list[tuple[str, int]]:
+        seeds = output.seeds
+        per_seed = max(1, len(output.images) // len(seeds))  # layered models return several images per seed
+        return [
+            (
+                base64.b64encode(encode_image(image, body.output_format, body.output_compression)).decode(),
+                seeds[min(index // per_seed, len(seeds) - 1)],
+            )
+            for index, image in enumerate(output.images)
+        ]
+
+    @staticmethod
+    def _background(images: list[Image.Image]) -> str:
+        return "transparent" if any(image.mode in ("RGBA", "LA") for image in images) else "opaque"
+
+    async def _events(self, kind: str, prepared: GenerationRequest, body: ImageRequestFields) -> AsyncIterator[str]:
+        size = f"{prepared.width}x{prepared.height}"
+        common = {"output_format": body.output_format, "quality": body.quality or "auto", "size": size}
+        partial_index = 0
+        try:
+            async for item in self.engine.stream(prepared):
+                if isinstance(item, ProgressEvent):
+                    for preview in item.previews or []:
+                        b64 = await asyncio.to_thread(
+                            lambda image=preview: base64.b64encode(
+                                encode_image(image, body.output_format, body.output_compression)
+                            ).decode()
+                        )
+                        yield _sse(
+                            f"{kind}.partial_image",
+                            {
+                                "type": f"{kind}.partial_image",
+                                "b64_json": b64,
+                                "created_at": int(time.time()),
+                                "partial_image_index": partial_index,
+                                "background": self._background([preview]),
+                                **common,
+                            },
+                        )
+                        partial_index += 1
+                    continue
+                self.metrics.record_output(item)
+                data = await asyncio.to_thread(self._encode_all, item, body)
+                for b64, seed in data:
+                    yield _sse(
+                        f"{kind}.completed",
+                        {
+                            "type": f"{kind}.completed",
+                            "b64_json": b64,
+                            "created_at": int(time.time()),
+                            "background": self._background(item.images),
+                            "seed": seed,
+                            "id": item.request_id,
+                            "metrics": _metrics(item),
+                            "cache": item.metrics.cache,
+                            **common,
+                        },
+                    )
+        except Exception as error:  # the status line has gone out: report the failure in the stream
+            mapped = self._engine_error(error)
+            if not isinstance(mapped, OpenAIError):
+                logger.exception("stream of request %s failed", prepared.request_id)
+                mapped = OpenAIError(500, f"generation failed: {type(error).__name__}: {error}")
+            yield f"data: {json.dumps(mapped.body())}\n\n"
+
+
+def _sse(event: str, payload: dict[str, Any]) -> str:
+    return f"event: {event}\ndata: {json.dumps(payload)}\n\n"
+
+
+def _metrics(output: RequestOutput) -> dict[str, Any]:
+    metrics = output.metrics
+    return {
+        "queue_seconds": round(metrics.queue_seconds, 4),
+        "seconds": round(metrics.seconds, 4),
+        "num_inference_steps": metrics.num_inference_steps,
+        "steps": metrics.steps,
+        "transformer_calls": metrics.transformer_calls,
+    }
+
+
+def _form_cache_config(key: str, value: Any) -> dict[str, Any]:
+    """cache_config sent in a form: a JSON object string, or the SDK's flattened cache_config[name] parts."""
+    if isinstance(value, UploadFile):
+        raise OpenAIError(400, "cache_config must be a text field", param="cache_config")
+    if key == "cache_config":
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            raise OpenAIError(400, f"cache_config is not a JSON object: {value!r}", param="cache_config") from None
+        if not isinstance(parsed, dict):
+            raise OpenAIError(400, f"cache_config must be a JSON object, got {value!r}", param="cache_config")
+        return parsed
+    name = key[len("cache_config[") : -1] if key.endswith("]") else ""
+    if not name:
+        raise OpenAIError(400, f"malformed form field {key!r}", param="cache_config")
+    try:
+        return {name: json.loads(value)}
+    except json.JSONDecodeError:
+        return {name: value}

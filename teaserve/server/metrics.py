@@ -1,0 +1,57 @@
+"""Prometheus metrics of one server (its own registry, so several apps can live in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from ..engine import AsyncEngine, RequestOutput
+
+LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
+
+
+class ServerMetrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, engine: AsyncEngine):
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "teaserve_requests",
+            "Image requests by endpoint and HTTP status",
+            ["endpoint", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "teaserve_request_latency_seconds",
+            "End-to-end latency of image requests",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.images = Counter("teaserve_images_generated", "Images returned", registry=self.registry)
+        self.steps = Counter(
+            "teaserve_denoising_steps",
+            "Denoising steps by what the cache did (per CFG branch)",
+            ["kind"],
+            registry=self.registry,
+        )
+        queue_depth = Gauge("teaserve_queue_depth", "Requests waiting for the worker", registry=self.registry)
+        queue_depth.set_function(lambda: engine.queue_depth)
+        running = Gauge("teaserve_requests_running", "Requests the worker is running", registry=self.registry)
+        running.set_function(lambda: engine.num_running)
+
+    def observe(self, endpoint: str, status: int | str, seconds: float) -> None:
+        self.requests.labels(endpoint, str(status)).inc()
+        self.latency.labels(endpoint).observe(seconds)
+
+    def record_output(self, output: RequestOutput) -> None:
+        self.images.inc(len(output.images))
+        cache = output.metrics.cache
+        if cache and cache.get("enabled"):
+            self.steps.labels("computed").inc(cache["computed_steps"])
+            self.steps.labels("skipped").inc(cache["skipped_steps"])
+        else:
+            self.steps.labels("computed").inc(output.metrics.transformer_calls)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
