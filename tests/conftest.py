@@ -27,3 +27,93 @@ def tiny_qwen(tmp_path_factory):
 
 def pixels(image) -> np.ndarray:
     return np.asarray(image, dtype=np.int16)
+
+
+class RunningServer:
+    """A real uvicorn server on 127.0.0.1 in a background thread."""
+
+    def __init__(self, app):
+        import threading
+
+        import uvicorn
+
+        self.app = app
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+    def client(self, **kwargs):
+        import openai
+
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=kwargs.pop("api_key", "none"), max_retries=0, **kwargs)
+
+    def async_client(self, **kwargs):
+        import openai
+
+        return openai.AsyncOpenAI(
+            base_url=f"{self.url}/v1", api_key=kwargs.pop("api_key", "none"), max_retries=0, **kwargs
+        )
+
+
+@pytest.fixture(scope="session")
+def tiny_edit_plus(tmp_path_factory):
+    from teaserve.pipelines.testing import build_tiny_qwen_image_edit
+
+    return build_tiny_qwen_image_edit(tmp_path_factory.mktemp("tiny-edit-plus"), kind="edit_plus")
+
+
+@pytest.fixture(scope="session")
+def tiny_edit(tmp_path_factory):
+    from teaserve.pipelines.testing import build_tiny_qwen_image_edit
+
+    return build_tiny_qwen_image_edit(tmp_path_factory.mktemp("tiny-edit"), kind="edit")
+
+
+@pytest.fixture(scope="session")
+def tiny_layered(tmp_path_factory):
+    from teaserve.pipelines.testing import build_tiny_qwen_image_edit
+
+    return build_tiny_qwen_image_edit(tmp_path_factory.mktemp("tiny-layered"), kind="layered")
+
+
+@pytest.fixture(scope="session")
+def small_edits():
+    from teaserve.pipelines.testing import small_edit_condition_images
+
+    with small_edit_condition_images():
+        yield
+
+
+def png_bytes(image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def decode_b64_image(data: str):
+    import base64
+    import io
+
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(base64.b64decode(data)))
+    image.load()
+    return image

@@ -1,5 +1,6 @@
 """The `teaserve` command line on the embedded default model."""
 
+import signal
 import subprocess
 import sys
 
@@ -23,3 +24,83 @@ def test_generate_with_bad_input_prints_one_clear_line(tmp_path):
     result = run_cli("generate", "a cat", "--size", "30x30", "-o", str(tmp_path / "x.png"))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("teaserve generate: error: width must be")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def readme_block(marker: str) -> str:
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    blocks = readme.split("```bash\n")[1:]
+    return next(block.split("```")[0] for block in blocks if marker in block)
+
+
+def test_serve_then_the_readme_curl_example(tmp_path):
+    import os
+    import time
+
+    import httpx
+
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "teaserve",
+            "serve",
+            "--omni",
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+            "--cache-backend",
+            "tea_cache",
+            "--cache-config",
+            '{"rel_l1_thresh": 0.2}',
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, server.stdout.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ready").status_code == 200:
+                    break
+            except httpx.ConnectError:
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        curl = readme_block("curl -s http://localhost:8091").replace("localhost:8091", f"127.0.0.1:{port}")
+        result = subprocess.run(
+            ["bash", "-c", curl], cwd=tmp_path, capture_output=True, text=True, timeout=120, env={**os.environ}
+        )
+        assert result.returncode == 0, result.stderr
+        with Image.open(tmp_path / "out.png") as image:
+            assert image.format == "PNG"
+        assert "teaserve_images_generated_total 1.0" in httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    finally:
+        server.send_signal(signal.SIGINT)  # Ctrl-C
+        output = server.communicate(timeout=30)[0]
+    # uvicorn shuts down gracefully, then re-raises the signal so that the exit status tells why the server ended
+    assert server.returncode in (0, -signal.SIGINT, 128 + signal.SIGINT)
+    assert "Traceback" not in output
+
+
+def test_serve_refuses_bad_cache_config_in_one_line():
+    for config, message in (('{"rel_l1_thresh": ', "not valid JSON"), ('{"thresh": 0.2}', "valid keys: rel_l1_thresh")):
+        result = run_cli("serve", "--cache-backend", "tea_cache", "--cache-config", config)
+        assert result.returncode == 2
+        last = result.stderr.strip().splitlines()[-1]
+        assert message in last, result.stderr

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ..cache import create_cache_backend, resolve_backend_name
-from ..pipelines import LoadedModel, load_model
+from ..pipelines import LoadedModel, editing_architectures, load_model
+from .images import InvalidImageError
 from .params import MAX_PIXELS, MAX_SEED, OmniDiffusionSamplingParams
 from .request import (
     EngineStoppedError,
@@ -96,6 +97,7 @@ class AsyncEngine:
         if isinstance(max_queue_size, bool) or not isinstance(max_queue_size, int) or max_queue_size < 1:
             raise ValueError(f"max_queue_size must be a positive integer, got {max_queue_size!r}")
         self.cache_backend_name = resolve_backend_name(cache_backend)
+        create_cache_backend(self.cache_backend_name, cache_config)  # bad settings fail before a long model load
         self.model = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
         # The model's own recommendation (e.g. calibrated coefficients) under the user's settings.
         config = {**self.model.cache_defaults.get(self.cache_backend_name, {}), **(cache_config or {})}
@@ -140,24 +142,22 @@ class AsyncEngine:
 
         count = len(prompt.images)
         if not family.min_input_images <= count <= family.max_input_images:
-            from ..pipelines import editing_architectures
-
             if family.max_input_images == 0:
-                raise ValueError(
+                raise InvalidImageError(
                     f"model {model.name} ({model.architecture}) generates from text only and takes no input image; "
                     f"architectures that edit images: {', '.join(editing_architectures())}"
                 )
-            raise ValueError(
+            raise InvalidImageError(
                 f"model {model.name} ({model.architecture}) takes {family.min_input_images} to "
                 f"{family.max_input_images} input image(s), got {count}"
             )
         if prompt.mask is not None and not family.supports_mask:
-            raise ValueError(f"masks are not supported by model {model.name} ({model.architecture})")
-
+            raise InvalidImageError(f"masks are not supported by model {model.name} ({model.architecture})", "mask")
         if prompt.mask is not None and prompt.mask.size != prompt.images[0].size:
-            raise ValueError(
+            raise InvalidImageError(
                 f"the mask ({prompt.mask.width}x{prompt.mask.height}) must have the size of the first image "
-                f"({prompt.images[0].width}x{prompt.images[0].height})"
+                f"({prompt.images[0].width}x{prompt.images[0].height})",
+                "mask",
             )
         resolution = params.resolution or defaults.resolution
         multiple = model.size_multiple

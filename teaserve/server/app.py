@@ -11,7 +11,7 @@ from ..engine import AsyncEngine
 from .errors import install_error_handlers
 from .images.router import router as images_router
 from .images.serving import ImageServing
-from .metrics import ServerMetrics
+from .metrics import RequestMetricsMiddleware, ServerMetrics
 from .middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestIdMiddleware
 from .routes import router as system_router
 
@@ -49,5 +49,6 @@ def build_app(
     if api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=api_key)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)
     app.add_middleware(RequestIdMiddleware)  # outermost: every answer carries X-Request-Id
     return app

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..engine import AsyncEngine, RequestOutput
 
@@ -55,3 +58,38 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class RequestMetricsMiddleware:
+    """Count every request to the image endpoints by status (validation errors, 401s and 413s included)."""
+
+    PREFIX = "/v1/images/"
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(self.PREFIX):
+            return await self.app(scope, receive, send)
+        started, status, observed = time.perf_counter(), None, False
+        endpoint = scope["path"][len(self.PREFIX) :]
+
+        def observe() -> None:
+            nonlocal observed
+            if not observed:
+                observed = True
+                label = "disconnected" if status in (None, 499) else status
+                self.metrics.observe(endpoint, label, time.perf_counter() - started)
+
+        async def observing_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                observe()  # before the last byte leaves: a client that has its answer sees it counted
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observing_send)
+        finally:
+            observe()

@@ -105,30 +105,10 @@ class ImageServing:
 
     # -- entry points --------------------------------------------------------------------------------------
     async def generate(self, body: ImageGenerationRequest, request: Request) -> Response:
-        return await self._observe(
-            "generations", self._serve("image_generation", PromptInput(body.prompt), body, request)
-        )
+        return await self._serve("image_generation", PromptInput(body.prompt), body, request)
 
     async def edit(self, request: Request) -> Response:
-        return await self._observe("edits", self._edit(request))
-
-    async def _observe(self, endpoint: str, work: Awaitable[Response]) -> Response:
-        started, status = time.perf_counter(), 500
-        try:
-            response = await work
-            status = response.status_code
-            return response
-        except OpenAIError as error:
-            status = error.status
-            raise
-        except ClientDisconnectedError:
-            status = "disconnected"
-            return Response(status_code=499)
-        finally:
-            self.metrics.observe(endpoint, status, time.perf_counter() - started)
-
-    # -- edits: multipart parsing ------------------------------------------------------------------------------
-    async def _edit(self, request: Request) -> Response:
+        """Parse the multipart form (files under image / image[] / mask, every other field as text), then serve."""
         try:
             form = await request.form(
                 max_files=MAX_INPUT_IMAGES + 1, max_fields=100, max_part_size=MAX_FORM_FIELD_BYTES
@@ -234,6 +214,8 @@ class ImageServing:
             )
         try:
             output = await cancel_on_disconnect(request, self.engine.generate(prepared))
+        except ClientDisconnectedError:
+            return Response(status_code=499)  # nobody reads it; the generation was cancelled
         except Exception as error:
             raise self._engine_error(error) from error
         self.metrics.record_output(output)
