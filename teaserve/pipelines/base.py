@@ -78,6 +78,10 @@ class ModelFamily:
         return self.max_input_images > 0
 
     # -- loading -------------------------------------------------------------------------------
+    def matches_folder(self, folder: Path) -> bool:
+        """For checkpoints published without a model_index.json: True when `folder` is one of this family's."""
+        return False
+
     def load(self, source: str | Path, device: torch.device, dtype: torch.dtype):
         import diffusers
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from .base import GenerationDefaults, ModelFamily
-from .registry import get_family
+from .registry import get_family, supported_architectures
 
 logger = logging.getLogger(__name__)
 
@@ -70,10 +70,17 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 def read_architecture(folder: Path) -> str:
+    """A model folder's architecture: model_index.json's `_class_name`, else the family that knows its layout."""
     index = folder / "model_index.json"
-    if not index.is_file():
-        raise ValueError(f"{folder} is not a diffusers model folder: it has no model_index.json")
-    return json.loads(index.read_text())["_class_name"]
+    if index.is_file():
+        return json.loads(index.read_text())["_class_name"]
+    for architecture in supported_architectures():
+        if get_family(architecture).matches_folder(folder):
+            return architecture
+    raise ValueError(
+        f"{folder} is not a model folder teaserve knows: it has no model_index.json and matches no published layout "
+        f"of {', '.join(supported_architectures())}"
+    )
 
 
 def _local_folder(model: str) -> Path:
