@@ -161,12 +161,13 @@ class AsyncEngine:
             )
         resolution = params.resolution or defaults.resolution
         multiple = model.size_multiple
-        fixed = family.fixed_output_size(model.pipeline, prompt.images, resolution) if prompt.images else None
+        fixed = None
+        if prompt.images:
+            fixed = family.fixed_output_size(model.pipeline, prompt.images, resolution, prompt.mask is not None)
         if fixed is not None:
             if params.width is not None:
-                raise ValueError(
-                    f"{model.architecture} sizes its output from the input image and resolution; omit size"
-                )
+                when = " for masked edits" if prompt.mask is not None else ""
+                raise ValueError(f"{model.architecture} sizes its output from the input image{when}; omit size")
             width, height = fixed
         elif params.width is not None:
             width, height = params.width, params.height

@@ -113,8 +113,10 @@ class ModelFamily:
         """Convert a decoded mask to what the inpainting pipeline expects."""
         return mask
 
-    def fixed_output_size(self, pipe, images: list[Image.Image], resolution: int | None) -> tuple[int, int] | None:
-        """For models that size their output themselves: that size (a request cannot choose one); else None."""
+    def fixed_output_size(
+        self, pipe, images: list[Image.Image], resolution: int | None, masked: bool
+    ) -> tuple[int, int] | None:
+        """For pipelines that size their output themselves: that size (a request cannot choose one); else None."""
         return None
 
     def output_images(self, pipe, output, inputs: PipelineInputs, final_latents: torch.Tensor) -> list[Image.Image]:

@@ -93,6 +93,17 @@ class QwenImageEdit(QwenImage):
 
         return QwenImageEditInpaintPipeline.from_pipe(pipe)
 
+    def fixed_output_size(self, pipe, images, resolution, masked):
+        if not masked:
+            return None
+        # The inpainting pipeline always works at about one megapixel with the input's aspect ratio.
+        from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_inpaint import calculate_dimensions
+
+        image_width, image_height = images[0].size
+        width, height, _ = calculate_dimensions(1024 * 1024, image_width / image_height)
+        multiple = self.size_multiple(pipe)
+        return width // multiple * multiple, height // multiple * multiple
+
     def prepare_mask(self, mask: Image.Image) -> Image.Image:
         """OpenAI masks mark the area to edit with transparency; diffusers repaints where the mask is white."""
         if mask.mode in ("RGBA", "LA") or "transparency" in mask.info:
@@ -128,7 +139,7 @@ class QwenImageLayered(QwenImageEdit):
     def prepare_image(self, image: Image.Image) -> Image.Image:
         return image.convert("RGBA")
 
-    def fixed_output_size(self, pipe, images, resolution):
+    def fixed_output_size(self, pipe, images, resolution, masked):
         """The pipeline sizes its output from `resolution` and the input's aspect ratio."""
         from diffusers.pipelines.qwenimage.pipeline_qwenimage_layered import calculate_dimensions
 

@@ -116,60 +116,69 @@ def write_profile(folder: Path, **profile) -> None:
     (Path(folder) / MODEL_PROFILE_FILE).write_text(json.dumps(profile, indent=2) + "\n")
 
 
-def build_tiny_qwen_image(folder: str | Path, *, seed: int = 0, **sizes) -> Path:
-    """Write a tiny random QwenImagePipeline (text to image) to `folder` and return its path.
-
-    `sizes` go to `tiny_qwen_components` (num_layers, num_attention_heads, vae_base_dim)."""
-    from diffusers import QwenImagePipeline
-
-    folder = Path(folder)
-    QwenImagePipeline(**tiny_qwen_components(seed=seed, **sizes)).save_pretrained(folder)
-    write_profile(
-        folder,
-        served_model_name="teaserve/tiny-qwen-image",
-        defaults={"width": TINY_SIZE, "height": TINY_SIZE, "num_inference_steps": 8},
-    )
-    return folder
-
-
-EDIT_PIPELINES = {
+QWEN_PIPELINES = {
+    "t2i": "QwenImagePipeline",
     "edit": "QwenImageEditPipeline",
     "edit_plus": "QwenImageEditPlusPipeline",
     "layered": "QwenImageLayeredPipeline",
 }
 
 
-def build_tiny_qwen_image_edit(folder: str | Path, *, kind: str = "edit", seed: int = 0) -> Path:
-    """Write a tiny random Qwen-Image edit pipeline: kind "edit", "edit_plus" (2509) or "layered".
+def tiny_qwen_pipeline(kind: str = "t2i", *, seed: int = 0, **sizes):
+    """An in-memory tiny random Qwen-Image pipeline: kind "t2i", "edit", "edit_plus" (2509) or "layered".
 
-    The folder is laid out like a real checkpoint: model_index.json names transformers' Qwen2VLProcessor, which
-    teaserve loads without torchvision where torchvision is missing.
-    """
+    `sizes` go to `tiny_qwen_components` (num_layers, num_attention_heads, vae_base_dim)."""
     import diffusers
 
-    from .qwen_processor import PROCESSOR_ENTRY, build_processor
+    from .qwen_processor import build_processor
 
-    if kind not in EDIT_PIPELINES:
-        raise ValueError(f"unknown kind {kind!r}; valid kinds: {', '.join(EDIT_PIPELINES)}")
-    folder = Path(folder)
+    if kind not in QWEN_PIPELINES:
+        raise ValueError(f"unknown kind {kind!r}; valid kinds: {', '.join(QWEN_PIPELINES)}")
     layered = kind == "layered"
-    components = tiny_qwen_components(seed=seed, image_channels=4 if layered else 3, layered=layered)
-    components["processor"] = build_processor(components["tokenizer"])
-    getattr(diffusers, EDIT_PIPELINES[kind])(**components).save_pretrained(folder)
-    index_path = folder / "model_index.json"
-    index = json.loads(index_path.read_text())
-    index["processor"] = PROCESSOR_ENTRY
-    index_path.write_text(json.dumps(index, indent=2) + "\n")
-    for config in (folder / "processor").glob("*.json"):
-        data = json.loads(config.read_text())
-        if data.get("processor_class"):
-            data["processor_class"] = PROCESSOR_ENTRY[1]
-            config.write_text(json.dumps(data, indent=2) + "\n")
+    components = tiny_qwen_components(seed=seed, image_channels=4 if layered else 3, layered=layered, **sizes)
+    if kind != "t2i":
+        components["processor"] = build_processor(components["tokenizer"])
+    return getattr(diffusers, QWEN_PIPELINES[kind])(**components)
+
+
+def save_tiny_qwen(pipeline, folder: str | Path, kind: str = "t2i") -> Path:
+    """Save a tiny pipeline laid out like a real checkpoint, with a profile of small default sizes.
+
+    Edit checkpoints name transformers' Qwen2VLProcessor in model_index.json, which teaserve loads without
+    torchvision where torchvision is missing: the tiny folders are written the same way.
+    """
+    from .qwen_processor import PROCESSOR_ENTRY
+
+    folder = Path(folder)
+    pipeline.save_pretrained(folder)
+    if kind != "t2i":
+        index_path = folder / "model_index.json"
+        index = json.loads(index_path.read_text())
+        index["processor"] = PROCESSOR_ENTRY
+        index_path.write_text(json.dumps(index, indent=2) + "\n")
+        for config in (folder / "processor").glob("*.json"):
+            data = json.loads(config.read_text())
+            if data.get("processor_class"):
+                data["processor_class"] = PROCESSOR_ENTRY[1]
+                config.write_text(json.dumps(data, indent=2) + "\n")
     defaults = {"width": TINY_SIZE, "height": TINY_SIZE, "num_inference_steps": 8}
-    if layered:
+    if kind == "layered":
         defaults = {"num_inference_steps": 8, "layers": 2, "resolution": 640}
-    write_profile(folder, served_model_name=f"teaserve/tiny-qwen-image-{kind.replace('_', '-')}", defaults=defaults)
+    suffix = "" if kind == "t2i" else "-" + kind.replace("_", "-")
+    write_profile(folder, served_model_name=f"teaserve/tiny-qwen-image{suffix}", defaults=defaults)
     return folder
+
+
+def build_tiny_qwen_image(folder: str | Path, *, seed: int = 0, **sizes) -> Path:
+    """Write a tiny random QwenImagePipeline (text to image) to `folder` and return its path."""
+    return save_tiny_qwen(tiny_qwen_pipeline("t2i", seed=seed, **sizes), folder)
+
+
+def build_tiny_qwen_image_edit(folder: str | Path, *, kind: str = "edit", seed: int = 0) -> Path:
+    """Write a tiny random Qwen-Image edit pipeline: kind "edit", "edit_plus" (2509) or "layered"."""
+    if kind == "t2i":
+        raise ValueError("kind must be an edit kind: edit, edit_plus or layered")
+    return save_tiny_qwen(tiny_qwen_pipeline(kind, seed=seed), folder, kind)
 
 
 @contextlib.contextmanager
