@@ -117,3 +117,17 @@ def decode_b64_image(data: str):
     image = Image.open(io.BytesIO(base64.b64decode(data)))
     image.load()
     return image
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory):
+    from teaserve.pipelines.testing import build_tiny_flux
+
+    return build_tiny_flux(tmp_path_factory.mktemp("tiny-flux"))
+
+
+@pytest.fixture(scope="session")
+def tiny_kontext(tmp_path_factory):
+    from teaserve.pipelines.testing import build_tiny_flux
+
+    return build_tiny_flux(tmp_path_factory.mktemp("tiny-kontext"), kind="kontext")

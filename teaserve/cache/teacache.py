@@ -94,13 +94,26 @@ def qwen_image_gate(block: torch.nn.Module, arguments: dict[str, Any]) -> torch.
     return modulated
 
 
+def flux_gate(block: torch.nn.Module, arguments: dict[str, Any]) -> torch.Tensor:
+    # The first double-stream block's AdaLayerNormZero output: norm(x) * (1 + scale_msa) + shift_msa.
+    return block.norm1(arguments["hidden_states"], emb=arguments["temb"])[0]
+
+
 QWEN_IMAGE_COEFFICIENTS = (-450.0, 280.0, -45.0, 3.2, -0.02)
+FLUX_COEFFICIENTS = (498.651651, -283.781631, 55.8554382, -3.82021401, 0.264230861)
 
 TEACACHE_MODELS: dict[str, TeaCacheModel] = {
     "QwenImageTransformer2DModel": TeaCacheModel(
         blocks=lambda transformer: list(transformer.transformer_blocks),
         gate=qwen_image_gate,
         coefficients=QWEN_IMAGE_COEFFICIENTS,
+    ),
+    # Flux runs its double-stream blocks, then its single-stream ones; both take and return
+    # (encoder_hidden_states, hidden_states), so the stack spans both lists.
+    "FluxTransformer2DModel": TeaCacheModel(
+        blocks=lambda transformer: [*transformer.transformer_blocks, *transformer.single_transformer_blocks],
+        gate=flux_gate,
+        coefficients=FLUX_COEFFICIENTS,
     ),
 }
 
@@ -329,6 +342,39 @@ def _relative_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
     return (change / previous.abs().mean().clamp_min(1e-12)).item()
 
 
+class ImplicitBranches:
+    """Names the branches of pipelines that call the transformer outside `cache_context` (diffusers 0.42's
+    FluxKontextPipeline): within a step such pipelines call the conditional branch first, then the unconditional
+    one, so a call's position in its step (the step comes from the engine) names its branch."""
+
+    NAMES = ("cond", "uncond")
+
+    def __init__(self, state_manager: StateManager, clock: RequestClock):
+        self.state_manager, self.clock = state_manager, clock
+        self._step, self._calls, self._entered = -1, 0, None
+
+    def _named_by_pipeline(self) -> bool:
+        try:
+            return self.state_manager.context is not None
+        except ValueError:  # StateManager's way of saying that no context is set
+            return False
+
+    def before(self, transformer, args, kwargs) -> None:
+        if self._named_by_pipeline():
+            return
+        if self.clock.step_index != self._step:
+            self._step, self._calls = self.clock.step_index, 0
+        name = self.NAMES[self._calls] if self._calls < len(self.NAMES) else f"branch{self._calls}"
+        self._calls += 1
+        self._entered = transformer.cache_context(name)
+        self._entered.__enter__()
+
+    def after(self, transformer, args, kwargs, output) -> None:
+        if self._entered is not None:
+            entered, self._entered = self._entered, None
+            entered.__exit__(None, None, None)
+
+
 # -- the backend ------------------------------------------------------------------------------------------------
 class TeaCacheBackend(CacheBackend):
     name = "tea_cache"
@@ -338,6 +384,7 @@ class TeaCacheBackend(CacheBackend):
         self._clock: RequestClock | None = None
         self._transformer: torch.nn.Module | None = None
         self._model_coefficients: tuple[float, ...] = ()
+        self._implicit_branch_hooks: list = []
 
     @classmethod
     def from_config(cls, config):
@@ -361,6 +408,11 @@ class TeaCacheBackend(CacheBackend):
                 registry.register_hook(TeaCacheBlockHook(state_manager, self._clock, io, is_tail), BLOCK_HOOK)
         # New hooks below the transformer stale its cached list of child registries.
         HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
+        branches = ImplicitBranches(state_manager, self._clock)
+        self._implicit_branch_hooks = [
+            transformer.register_forward_pre_hook(branches.before, with_kwargs=True),
+            transformer.register_forward_hook(branches.after, with_kwargs=True, always_call=True),
+        ]
         self._transformer = transformer
 
     def remove(self, pipeline) -> None:
@@ -368,6 +420,9 @@ class TeaCacheBackend(CacheBackend):
         registry.remove_hook(HEAD_HOOK, recurse=True)
         registry.remove_hook(BLOCK_HOOK, recurse=True)
         registry.invalidate_child_registries_cache()
+        for handle in self._implicit_branch_hooks:
+            handle.remove()
+        self._implicit_branch_hooks = []
         self._transformer = self._clock = None
 
     def _effective(self, overrides: dict[str, Any] | None) -> tuple[bool, TeaCacheConfig]:

@@ -1,5 +1,7 @@
 """Tokenizers built in code, so that tiny and embedded models need no download.
 
+Qwen2 (Qwen-Image's text encoder), CLIP and T5 (Flux's two text encoders) tokenizers, trained on a few texts.
+
 The Qwen-Image pipelines drop a fixed number of leading tokens (the system prompt of their template:
 34 for text-to-image, 64 for Edit / Edit-Plus), so the tokenizer must split the templates exactly as the
 real Qwen2 tokenizer does: every template word is one token. A byte-level BPE with Qwen2's split regex,
@@ -102,3 +104,49 @@ def build_qwen2_tokenizer(extra_texts: Iterable[str] = (), *, first_special_id: 
         if qwen_tokenizer.convert_tokens_to_ids(token) != token_id:
             raise RuntimeError(f"special token {token} did not land on id {token_id}")
     return qwen_tokenizer
+
+
+def _train_bpe(texts: Iterable[str], tokenizer: Tokenizer, vocab_size: int, **trainer_options) -> tuple[dict, list]:
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=1,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        **trainer_options,
+    )
+    tokenizer.train_from_iterator(list(texts), trainer=trainer)
+    trained = json.loads(tokenizer.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in trained["merges"]]
+    return dict(trained["vocab"]), merges
+
+
+def build_clip_tokenizer(texts: Iterable[str], vocab_size: int = 1000):
+    """A transformers CLIPTokenizer whose ids stay below `vocab_size`.
+
+    As in the real CLIP vocabulary, <|startoftext|> and <|endoftext|> take the two last ids, so that a text model
+    that pools at the largest input id (legacy CLIP configs) pools at the end-of-text token.
+    """
+    from transformers import CLIPTokenizer
+
+    reference = CLIPTokenizer()._tokenizer  # CLIP's own normalizer and pre-tokenizer
+    tokenizer = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    tokenizer.normalizer = reference.normalizer
+    tokenizer.pre_tokenizer = reference.pre_tokenizer
+    printable = " ".join(c for c in string.printable if not c.isspace())  # every character, also as a word
+    vocab, merges = _train_bpe([*texts, printable], tokenizer, vocab_size - 2, end_of_word_suffix="</w>")
+    vocab["<|startoftext|>"] = vocab_size - 2
+    vocab["<|endoftext|>"] = vocab_size - 1
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def build_t5_tokenizer(texts: Iterable[str], vocab_size: int = 1000):
+    """A transformers T5Tokenizer (unigram): whole words of `texts`, then single characters as fallback."""
+    from transformers import T5Tokenizer
+
+    words = sorted({word.lower() for text in texts for word in text.split()})
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), *(("\u2581" + w, -2.0) for w in words), ("\u2581", -3.0)]
+    pieces += [(c, -5.0) for c in sorted(set(string.printable) - set(string.whitespace))]
+    extra_ids = 10
+    if len(pieces) + extra_ids > vocab_size:
+        raise ValueError(f"{len(pieces) + extra_ids} pieces do not fit a vocabulary of {vocab_size}")
+    return T5Tokenizer(vocab=pieces, extra_ids=extra_ids, model_max_length=512)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .loading import MODEL_PROFILE_FILE
-from .offline_tokenizers import build_qwen2_tokenizer
+from .offline_tokenizers import build_clip_tokenizer, build_qwen2_tokenizer, build_t5_tokenizer
 
 TINY_SIZE = 32
 TEST_WORDS = (
@@ -181,19 +181,117 @@ def build_tiny_qwen_image_edit(folder: str | Path, *, kind: str = "edit", seed: 
     return save_tiny_qwen(tiny_qwen_pipeline(kind, seed=seed), folder, kind)
 
 
+def tiny_flux_components(*, seed: int = 0) -> dict:
+    """The seven components of a tiny guidance-distilled Flux pipeline (diffusers' fast-test sizes)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=[4, 4, 8],
+        guidance_embeds=True,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=0,
+            eos_token_id=2,  # legacy value: pooling at the largest id, which the tokenizer gives <|endoftext|>
+            hidden_size=32,
+            intermediate_size=37,
+            layer_norm_eps=1e-05,
+            num_attention_heads=4,
+            num_hidden_layers=5,
+            pad_token_id=1,
+            vocab_size=1000,
+            hidden_act="gelu",
+            projection_dim=32,
+        )
+    )
+    text_encoder_2 = T5EncoderModel(  # d_model equals the transformer's joint_attention_dim
+        T5Config(
+            vocab_size=1000,
+            d_model=32,
+            d_kv=8,
+            d_ff=37,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
+    vae = AutoencoderKL(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(4,),
+        layers_per_block=1,
+        latent_channels=1,
+        norm_num_groups=1,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+    _eval(transformer, text_encoder, text_encoder_2, vae)
+    return {
+        "scheduler": FlowMatchEulerDiscreteScheduler(),
+        "text_encoder": text_encoder,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer": build_clip_tokenizer([TEST_WORDS]),
+        "tokenizer_2": build_t5_tokenizer([TEST_WORDS]),
+        "transformer": transformer,
+        "vae": vae,
+    }
+
+
+def tiny_flux_pipeline(kind: str = "t2i", *, seed: int = 0):
+    """An in-memory tiny random Flux pipeline: kind "t2i" (FluxPipeline) or "kontext" (FluxKontextPipeline)."""
+    from diffusers import FluxKontextPipeline, FluxPipeline
+
+    classes = {"t2i": FluxPipeline, "kontext": FluxKontextPipeline}
+    if kind not in classes:
+        raise ValueError(f"unknown kind {kind!r}; valid kinds: {', '.join(classes)}")
+    return classes[kind](**tiny_flux_components(seed=seed))
+
+
+def build_tiny_flux(folder: str | Path, *, kind: str = "t2i", seed: int = 0) -> Path:
+    """Write a tiny random Flux pipeline (kind "t2i" or "kontext") to `folder` and return its path."""
+    folder = Path(folder)
+    tiny_flux_pipeline(kind, seed=seed).save_pretrained(folder)
+    name = "teaserve/tiny-flux" + ("-kontext" if kind == "kontext" else "")
+    write_profile(
+        folder, served_model_name=name, defaults={"width": TINY_SIZE, "height": TINY_SIZE, "num_inference_steps": 8}
+    )
+    return folder
+
+
 @contextlib.contextmanager
 def small_edit_condition_images(area: int = 64 * 64):
-    """Cap the area the Edit pipelines resize condition images to (normally about 1024x1024; Layered: 640x640).
+    """Cap the area edit pipelines resize condition images to (about 1024x1024 for Qwen-Image Edit and Flux Kontext,
+    640x640 for Layered).
 
     On a CPU the tiny VAE needs seconds to encode a 1024x1024 condition image; tests that check behaviour, not
     image quality, cap it so that an edit runs in a fraction of a second.
     """
+    from diffusers.pipelines.flux import pipeline_flux_kontext as kontext
     from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as edit
     from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_inpaint as inpaint
     from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as edit_plus
     from diffusers.pipelines.qwenimage import pipeline_qwenimage_layered as layered
 
     originals = {module: module.calculate_dimensions for module in (edit, inpaint, edit_plus, layered)}
+    kontext_resolutions = kontext.PREFERRED_KONTEXT_RESOLUTIONS
+    side = int(area**0.5)
+    kontext.PREFERRED_KONTEXT_RESOLUTIONS = [(side, side), (side, side * 3 // 4), (side * 3 // 4, side)]
     try:
         for module, original in originals.items():
             module.calculate_dimensions = lambda target, ratio, original=original: original(min(target, area), ratio)
@@ -206,3 +304,4 @@ def small_edit_condition_images(area: int = 64 * 64):
         for module, original in originals.items():
             module.calculate_dimensions = original
         edit_plus.VAE_IMAGE_SIZE, edit_plus.CONDITION_IMAGE_SIZE = 1024 * 1024, 384 * 384
+        kontext.PREFERRED_KONTEXT_RESOLUTIONS = kontext_resolutions

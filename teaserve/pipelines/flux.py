@@ -1,0 +1,62 @@
+"""The Flux family: FluxPipeline (text to image) and FluxKontextPipeline (edit with one input image)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import GenerationDefaults, ModelFamily, PipelineInputs
+from .registry import register_family
+
+
+class Flux(ModelFamily):
+    """FLUX.1 [dev]-style models: guidance-distilled (`guidance_scale` is an input of the transformer), optional
+    true CFG when a negative prompt comes with `true_cfg_scale` > 1."""
+
+    architecture = "FluxPipeline"
+    pipeline_class = "FluxPipeline"
+    defaults = GenerationDefaults(num_inference_steps=28, guidance_scale=3.5, true_cfg_scale=1.0)
+
+    def call_kwargs(self, pipe, inputs: PipelineInputs) -> dict[str, Any]:
+        do_cfg = inputs.true_cfg_scale > 1 and inputs.negative_prompt is not None
+        return {
+            "prompt": inputs.prompt,
+            "negative_prompt": inputs.negative_prompt if do_cfg else None,
+            "true_cfg_scale": inputs.true_cfg_scale,
+            "guidance_scale": 3.5 if inputs.guidance_scale is None else inputs.guidance_scale,
+            "width": inputs.width,
+            "height": inputs.height,
+            "num_inference_steps": inputs.num_inference_steps,
+            "num_images_per_prompt": inputs.num_outputs,
+            "generator": inputs.generators,
+            "output_type": "pil",
+        }
+
+    def decode_preview(self, pipe, latents, inputs):
+        latents = pipe._unpack_latents(latents, inputs.height, inputs.width, pipe.vae_scale_factor)
+        latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+        image = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
+        return pipe.image_processor.postprocess(image, output_type="pil")
+
+
+class FluxKontext(Flux):
+    """FLUX.1 Kontext: edits one input image, which it first resizes to the resolution it was trained at nearest to
+    the image's aspect ratio; the output has the requested size (default: the input's, rounded)."""
+
+    architecture = "FluxKontextPipeline"
+    pipeline_class = "FluxKontextPipeline"
+    task = "image-edit"
+    min_input_images = 1
+    max_input_images = 1
+    defaults = GenerationDefaults(num_inference_steps=28, guidance_scale=2.5, true_cfg_scale=1.0)
+
+    def call_kwargs(self, pipe, inputs):
+        # The pipeline rescales the requested size to `max_area` pixels: asking for exactly that area keeps it.
+        return {
+            **super().call_kwargs(pipe, inputs),
+            "image": inputs.images[0],
+            "max_area": inputs.width * inputs.height,
+        }
+
+
+register_family(Flux())
+register_family(FluxKontext())
