@@ -22,6 +22,11 @@ class CacheBackend(ABC):
     def from_config(cls, config: dict[str, Any] | None) -> Self:
         """Build from user settings; unknown keys and bad values raise a ValueError naming the valid keys."""
 
+    @classmethod
+    def merge_settings(cls, model_settings: dict[str, Any] | None, user_settings: dict[str, Any] | None):
+        """A model's recommended settings (its profile) with the user's on top."""
+        return {**(model_settings or {}), **(user_settings or {})}
+
     @abstractmethod
     def apply(self, pipeline) -> None: ...
 

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,17 +47,24 @@ class TeaCacheConfig:
 
     rel_l1_thresh: skip while the accumulated rescaled change stays below this (> 0; larger = faster).
     coefficients: the rescaling polynomial, 5 numbers, highest power first; None = the model's built-in ones.
+    coefficients_file: a profile written by `teaserve calibrate` to take the coefficients from (instead of
+        `coefficients`).
     max_consecutive_skips: computed at least every this many + 1 steps; None = unlimited (the original rule).
     """
 
     rel_l1_thresh: float = 0.2
     coefficients: tuple[float, ...] | None = None
+    coefficients_file: str | None = None
     max_consecutive_skips: int | None = None
 
     def __post_init__(self) -> None:
         thresh = self.rel_l1_thresh
         if not _is_finite_number(thresh) or thresh <= 0:
             raise ValueError(f"rel_l1_thresh must be a number > 0, got {thresh!r}")
+        if self.coefficients_file is not None:
+            if self.coefficients is not None:
+                raise ValueError("give coefficients or coefficients_file, not both")
+            object.__setattr__(self, "coefficients", read_coefficients_file(self.coefficients_file))
         if self.coefficients is not None:
             coefficients = self.coefficients
             if not isinstance(coefficients, list | tuple) or len(coefficients) != 5:
@@ -71,6 +80,32 @@ class TeaCacheConfig:
 
 
 OVERRIDE_KEYS = ("enabled", *(f.name for f in dataclasses.fields(TeaCacheConfig)))
+COEFFICIENT_KEYS = ("coefficients", "coefficients_file")
+
+
+def read_coefficients_file(path: str | Path) -> list[float]:
+    """The coefficients of a calibration profile (JSON with a "coefficients" list)."""
+    try:
+        profile = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"cannot read coefficients_file {str(path)!r}: {error}") from None
+    if not isinstance(profile, dict) or "coefficients" not in profile:
+        raise ValueError(
+            f'coefficients_file {str(path)!r} has no "coefficients" list (write it with teaserve calibrate)'
+        )
+    return profile["coefficients"]
+
+
+def layered_settings(*layers: dict[str, Any] | None) -> dict[str, Any]:
+    """Later settings over earlier ones; `coefficients` and `coefficients_file` replace each other as one setting."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        layer = layer or {}
+        if any(key in layer for key in COEFFICIENT_KEYS):
+            for key in COEFFICIENT_KEYS:
+                merged.pop(key, None)
+        merged.update(layer)
+    return merged
 
 
 # -- per-transformer knowledge -------------------------------------------------------------------------------
@@ -150,6 +185,8 @@ class BranchStats:
     """Relative L1 change of the gate signal at each step (None at the first)."""
     accumulated: list[float] = field(default_factory=list)
     """The accumulated rescaled change compared with the threshold at each step (0 where forced)."""
+    output_rel_l1: list[float | None] = field(default_factory=list)
+    """Relative L1 change of the block stack's output at each computed step, when recording for calibration."""
 
 
 @dataclass
@@ -161,8 +198,10 @@ class TeaCachePolicy:
     accumulated: float = 0.0
     consecutive_skips: int = 0
 
-    def should_compute(self, rel_l1: float | None, step_index: int, num_steps: int, stats: BranchStats) -> bool:
-        forced = rel_l1 is None or step_index <= 0 or step_index >= num_steps - 1
+    def should_compute(
+        self, rel_l1: float | None, step_index: int, num_steps: int, stats: BranchStats, force: bool = False
+    ) -> bool:
+        forced = force or rel_l1 is None or step_index <= 0 or step_index >= num_steps - 1
         if forced:
             self.accumulated = 0.0
         else:
@@ -198,6 +237,8 @@ class RequestClock:
     num_steps: int = 0
     step_index: int = 0
     branches: dict[str, BranchStats] = field(default_factory=dict)
+    record_outputs: bool = False
+    """Calibration: also record how much the block stack's output changes from step to step."""
 
 
 class BranchState(BaseState):
@@ -210,6 +251,7 @@ class BranchState(BaseState):
         self.skipping = False
         self.head_inputs: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.residuals: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self.previous_output: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -288,6 +330,12 @@ class TeaCacheBlockHook(ModelHook):
             hidden - head_hidden,
             None if encoder is None or head_encoder is None else encoder - head_encoder,
         )
+        if self.clock.record_outputs:
+            stats = self.clock.branches[self.state_manager.context.name]
+            previous = state.previous_output
+            rel_l1 = None if previous is None or previous.shape != hidden.shape else _relative_l1(hidden, previous)
+            stats.output_rel_l1.append(rel_l1)
+            state.previous_output = hidden.detach()
 
 
 class TeaCacheHeadHook(TeaCacheBlockHook):
@@ -315,7 +363,9 @@ class TeaCacheHeadHook(TeaCacheBlockHook):
         if state.previous_gate is not None and state.previous_gate.shape == gate.shape and state.residuals is not None:
             rel_l1 = _relative_l1(gate, state.previous_gate)
         state.previous_gate = gate
-        compute = state.policy.should_compute(rel_l1, clock.step_index, clock.num_steps, stats)
+        compute = state.policy.should_compute(
+            rel_l1, clock.step_index, clock.num_steps, stats, force=clock.record_outputs
+        )
 
         hidden, encoder = self.io.inputs(arguments)
         state.skipping = not compute
@@ -379,8 +429,10 @@ class ImplicitBranches:
 class TeaCacheBackend(CacheBackend):
     name = "tea_cache"
 
-    def __init__(self, config: TeaCacheConfig):
+    def __init__(self, config: TeaCacheConfig, settings: dict[str, Any] | None = None):
         self.config = config
+        self.settings = settings or {}
+        """The settings the config was built from (request overrides layer on top of these)."""
         self._clock: RequestClock | None = None
         self._transformer: torch.nn.Module | None = None
         self._model_coefficients: tuple[float, ...] = ()
@@ -388,7 +440,11 @@ class TeaCacheBackend(CacheBackend):
 
     @classmethod
     def from_config(cls, config):
-        return cls(parse_config(TeaCacheConfig, config, what="tea_cache"))
+        return cls(parse_config(TeaCacheConfig, config, what="tea_cache"), dict(config or {}))
+
+    @classmethod
+    def merge_settings(cls, model_settings, user_settings):
+        return layered_settings(model_settings, user_settings)
 
     def apply(self, pipeline) -> None:
         transformer = pipeline.transformer
@@ -433,7 +489,8 @@ class TeaCacheBackend(CacheBackend):
         enabled = overrides.pop("enabled", True)
         if not isinstance(enabled, bool):
             raise ValueError(f"cache_config 'enabled' must be true or false, got {enabled!r}")
-        return enabled, parse_config(TeaCacheConfig, {**dataclasses.asdict(self.config), **overrides}, what="tea_cache")
+        settings = layered_settings(self.settings, overrides)
+        return enabled, parse_config(TeaCacheConfig, settings, what="tea_cache")
 
     def check_overrides(self, overrides) -> None:
         self._effective(overrides)
@@ -456,11 +513,18 @@ class TeaCacheBackend(CacheBackend):
         if self._clock is not None:
             self._clock.step_index = step_index
 
+    def record_outputs(self, enabled: bool = True) -> None:
+        """Calibration mode: compute every step and record the block stack's output change next to the gate's."""
+        self._clock.record_outputs = enabled
+
     def stats(self) -> dict[str, Any] | None:
         clock = self._clock
         if clock is None:
             return None
         branches = {name: dataclasses.asdict(stats) for name, stats in clock.branches.items()}
+        if not clock.record_outputs:
+            for branch in branches.values():
+                del branch["output_rel_l1"]
         return {
             "backend": self.name,
             "enabled": clock.enabled,

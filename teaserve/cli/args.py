@@ -136,6 +136,20 @@ def _add_bench(subparsers) -> None:
     _add_model_flags(parser)
 
 
+def _add_calibrate(subparsers) -> None:
+    parser = subparsers.add_parser("calibrate", help="fit TeaCache's coefficients to a model")
+    parser.add_argument("model", nargs="?", default=None, help="model folder or hub id (default: the embedded model)")
+    parser.add_argument("--prompts", default=None, help="file with one prompt per line (default: built-in prompts)")
+    parser.add_argument("--num-prompts", type=int, default=None, help="use only the first N prompts")
+    parser.add_argument("--seeds", type=_ints, default=[0], help="comma-separated seeds")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    parser.add_argument("--size", default=None, help="WIDTHxHEIGHT (default: the model's)")
+    parser.add_argument("--true-cfg-scale", type=float, default=None)
+    parser.add_argument("-o", "--output", default="teacache-profile.json", help="where to write the profile")
+    parser.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help="auto: bfloat16 on GPU, float32 on CPU")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="teaserve", description="OpenAI-compatible diffusion server with training-free step caching."
@@ -145,4 +159,5 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(subparsers)
     _add_generate(subparsers)
     _add_bench(subparsers)
+    _add_calibrate(subparsers)
     return parser

@@ -249,9 +249,7 @@ def plot(rows: Sequence[BenchRow], path: str | Path, title: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    prompts, checker = _prompts_and_checker(args)
-    if args.num_prompts:
-        prompts = prompts[: args.num_prompts]
+    prompts, checker = model_prompts(args, held_out=True)
     width, height = parse_size(args.size) if args.size else (None, None)
     params = OmniDiffusionSamplingParams(
         num_inference_steps=args.steps, width=width, height=height, true_cfg_scale=args.true_cfg_scale
@@ -303,8 +301,22 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prompts_and_checker(args: argparse.Namespace) -> tuple[list[str], Checker | None]:
+def model_prompts(args: argparse.Namespace, *, held_out: bool) -> tuple[list[str], Checker | None]:
+    """The prompts to run (first --num-prompts of them) and, for the embedded shapes model, its caption checker.
+
+    The shapes model is benchmarked on captions it never saw in training (`held_out`) and calibrated on
+    training captions; other models use --prompts FILE (one per line) or a built-in generic set.
+    """
+    checker = None
     if args.prompts:
-        lines = Path(args.prompts).read_text().splitlines()
-        return [line.strip() for line in lines if line.strip()], None
-    return list(GENERIC_PROMPTS), None
+        prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    elif args.model is None:
+        from ..pipelines.default_model import shapes
+
+        training, held = shapes.split_scenes()
+        prompts = [scene.caption for scene in (held if held_out else training)][: 32 if held_out else 16]
+        checker = lambda prompt, image: shapes.check(image, prompt).passed_all  # noqa: E731
+    else:
+        prompts = list(GENERIC_PROMPTS)
+    count = args.num_prompts or len(prompts)
+    return prompts[:count], checker

@@ -20,6 +20,8 @@ def main(argv: list[str] | None = None) -> int:
         from .generate import run
     elif args.command == "bench":
         from .bench import run
+    elif args.command == "calibrate":
+        from .calibrate import run
     try:
         return run(args)
     except ValueError as error:  # bad input: one clear line, no traceback

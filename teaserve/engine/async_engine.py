@@ -14,7 +14,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from ..cache import create_cache_backend, resolve_backend_name
+from ..cache import CACHE_BACKENDS, create_cache_backend, resolve_backend_name
 from ..pipelines import LoadedModel, editing_architectures, load_model
 from .images import InvalidImageError
 from .params import MAX_PIXELS, MAX_SEED, OmniDiffusionSamplingParams
@@ -100,8 +100,9 @@ class AsyncEngine:
         create_cache_backend(self.cache_backend_name, cache_config)  # bad settings fail before a long model load
         self.model = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
         # The model's own recommendation (e.g. calibrated coefficients) under the user's settings.
-        config = {**self.model.cache_defaults.get(self.cache_backend_name, {}), **(cache_config or {})}
-        self.cache = create_cache_backend(self.cache_backend_name, config)
+        backend = CACHE_BACKENDS[self.cache_backend_name]
+        model_settings = self.model.cache_defaults.get(self.cache_backend_name)
+        self.cache = backend.from_config(backend.merge_settings(model_settings, cache_config))
         self._worker = ModelWorker(self.model, self.cache, profile=profile)
         self.max_queue_size = max_queue_size
         self._queue: queue.Queue[RequestHandle | None] = queue.Queue(maxsize=max_queue_size)

@@ -97,6 +97,11 @@ def _local_folder(model: str) -> Path:
         raise ValueError(f"could not fetch model {model!r} from the Hugging Face Hub: {error}") from error
 
 
+def write_profile(folder: str | Path, **profile) -> None:
+    """Write a model folder's teaserve.json: served_model_name, defaults (GenerationDefaults fields), cache."""
+    (Path(folder) / MODEL_PROFILE_FILE).write_text(json.dumps(profile, indent=2) + "\n")
+
+
 def _read_profile(folder: Path) -> dict[str, Any]:
     path = folder / MODEL_PROFILE_FILE
     if not path.is_file():

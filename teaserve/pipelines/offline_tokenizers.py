@@ -56,12 +56,11 @@ def special_token_ids(first_id: int = QWEN2_FIRST_SPECIAL_ID) -> dict[str, int]:
     return {token: first_id + offset for offset, token in enumerate(QWEN2_SPECIAL_TOKENS)}
 
 
-def build_qwen2_tokenizer(extra_texts: Iterable[str] = (), *, first_special_id: int | None = None):
+def build_qwen2_tokenizer(extra_texts: Iterable[str] = (), *, compact: bool = False):
     """A transformers `Qwen2Tokenizer` trained offline on the Qwen-Image templates plus `extra_texts`.
 
-    `first_special_id=None` puts the special tokens at their real ids (151643...), so text-encoder configs
-    sized for the real vocabulary work unchanged; a small value (right after the learned vocabulary) gives a
-    compact vocabulary for small embedded models.
+    By default the special tokens sit at their real ids (151643...), so text-encoder configs sized for the real
+    vocabulary work unchanged; `compact=True` puts them right after the learned vocabulary, for small models.
     """
     from transformers import Qwen2Tokenizer
 
@@ -85,10 +84,7 @@ def build_qwen2_tokenizer(extra_texts: Iterable[str] = (), *, first_special_id: 
     vocab = dict(trained["vocab"])
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in trained["merges"]]
 
-    first = QWEN2_FIRST_SPECIAL_ID if first_special_id is None else first_special_id
-    if first < len(vocab):
-        raise ValueError(f"first_special_id {first} collides with the {len(vocab)} learned tokens")
-    specials = special_token_ids(first)
+    specials = special_token_ids(len(vocab) if compact else QWEN2_FIRST_SPECIAL_ID)
     vocab.update(specials)
     qwen_tokenizer = Qwen2Tokenizer(
         vocab=vocab,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .loading import MODEL_PROFILE_FILE
+from .loading import write_profile
 from .offline_tokenizers import build_clip_tokenizer, build_qwen2_tokenizer, build_t5_tokenizer
 
 TINY_SIZE = 32
@@ -110,10 +110,6 @@ def tiny_qwen_components(
         "text_encoder": text_encoder,
         "tokenizer": build_qwen2_tokenizer([TEST_WORDS]),
     }
-
-
-def write_profile(folder: Path, **profile) -> None:
-    (Path(folder) / MODEL_PROFILE_FILE).write_text(json.dumps(profile, indent=2) + "\n")
 
 
 QWEN_PIPELINES = {

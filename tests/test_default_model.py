@@ -1,0 +1,110 @@
+"""The shapes data set and checker, the training recipe (at toy scale), and calibration."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from teaserve import Omni, OmniDiffusionSamplingParams
+from teaserve.pipelines.default_model import shapes
+from teaserve.pipelines.default_model.train import TrainingConfig, train
+
+
+def test_scenes_split_and_captions():
+    scenes = shapes.all_scenes()
+    assert len(scenes) == 2 * 8 * 3 * 9 * 7 == 3024
+    training, held_out = shapes.split_scenes()
+    assert len(held_out) == 302 and not set(training) & set(held_out)
+    assert shapes.split_scenes() == (training, held_out)  # deterministic
+    for scene in scenes[:50] + held_out[:50]:
+        assert shapes.Scene.from_caption(scene.caption) == scene
+    assert held_out[0].caption.startswith("a ") and held_out[0].caption.endswith(" background")
+    with pytest.raises(ValueError, match="not a shapes caption"):
+        shapes.Scene.from_caption("a cat on a sofa")
+
+
+def test_renders_are_deterministic_and_read_back_exactly():
+    training, _ = shapes.split_scenes()
+    images, scenes = shapes.sample(300, training, seed=3)
+    again, _ = shapes.sample(300, training, seed=3)
+    assert np.array_equal(images, again)
+    checks = [shapes.check(image, scene) for image, scene in zip(images, scenes, strict=True)]
+    assert all(check.passed_all for check in checks)
+
+
+def test_checker_tolerates_blur_and_notices_each_wrong_attribute():
+    scene = shapes.Scene("large", "red", "triangle", "top right", "blue")
+    image = shapes.render(scene)
+    assert shapes.check(image.filter(ImageFilter.GaussianBlur(1.0)), scene).passed_all
+    for attribute, other in [
+        ("colour", "green"),
+        ("background", "white"),
+        ("position", "bottom left"),
+        ("size", "small"),
+        ("shape", "square"),
+    ]:
+        result = shapes.check(image, dataclasses.replace(scene, **{attribute: other}))
+        assert getattr(result, attribute) is False
+        assert all(getattr(result, name) for name in shapes.ATTRIBUTES if name != attribute)
+    blank = Image.new("RGB", (64, 64), shapes.PALETTE["blue"])
+    assert shapes.check(blank, scene) == shapes.Check(True, False, False, False, False)
+
+
+def test_training_recipe_at_toy_scale_gives_a_loadable_pipeline(tmp_path):
+    config = dataclasses.replace(TrainingConfig().scaled(0.002), layers=1, transformer_batch=4, vae_batch=2)
+    folder = train(config, tmp_path / "model", log=lambda message: None)
+    profile = json.loads((folder / "teaserve.json").read_text())
+    assert profile["served_model_name"] == "teaserve/shapes-qwen-image"
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "QwenImagePipeline"
+    assert json.loads((folder / "training.json").read_text())["config"]["seed"] == 0
+    with Omni(model=str(folder)) as omni:
+        (output,) = omni.generate(
+            shapes.split_scenes()[1][0].caption, OmniDiffusionSamplingParams(num_inference_steps=2)
+        )
+    assert output.images[0].size == (64, 64) and output.metrics.transformer_calls == 4  # true CFG by default
+
+
+def test_calibrate_writes_a_profile_that_tea_cache_loads(tmp_path, tiny_qwen):
+    profile_path = tmp_path / "profile.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "teaserve",
+            "calibrate",
+            str(tiny_qwen),
+            "--num-prompts",
+            "2",
+            "--steps",
+            "8",
+            "--seeds",
+            "0,1",
+            "-o",
+            str(profile_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "R^2" in result.stdout and "branch uncond" in result.stdout
+    profile = json.loads(profile_path.read_text())
+    assert len(profile["coefficients"]) == 5 and profile["points"] == 2 * 2 * 2 * 7  # prompts x seeds x branches
+    assert profile["x_range"][0] <= profile["x_range"][1]
+    with Omni(
+        model=str(tiny_qwen), cache_backend="tea_cache", cache_config={"coefficients_file": str(profile_path)}
+    ) as omni:
+        assert omni.engine.cache.config.coefficients == tuple(profile["coefficients"])
+        with pytest.raises(ValueError, match="coefficients or coefficients_file, not both"):
+            omni.generate(
+                "x",
+                OmniDiffusionSamplingParams(
+                    cache_config={"coefficients": [0, 0, 0, 1, 0], "coefficients_file": str(profile_path)}
+                ),
+            )
+    with pytest.raises(ValueError, match="cannot read coefficients_file"):
+        Omni(model=str(tiny_qwen), cache_backend="tea_cache", cache_config={"coefficients_file": "/nonexistent"})
