@@ -35,25 +35,27 @@ RenormType = Literal["global", "channel", "text_channel"]
 RENORM_TYPES = ("global", "channel", "text_channel")
 
 # The reference image transforms: (longest side, shortest side) for the VAE (stride 16) and the ViT (stride
-# 14). Models with smaller position tables scale them down with their largest side.
+# 14), both with an area cap. Models with smaller position tables scale them down with their largest side.
 VAE_SIDES = (1024, 512)
 VIT_SIDES = (980, 224)
+REFERENCE_MAX_PIXELS = 14 * 14 * 9 * 1024
 
 
 @dataclass(frozen=True)
 class ImageResize:
-    """Scale an image so its longest side is at most `max_side` and its shortest at least `min_side` (the
-    minimum wins, then the maximum is enforced again), with both sides multiples of `stride` (bicubic)."""
+    """BAGEL's resize: longest side at most `max_side`, shortest at least `min_side` (the minimum wins), then
+    the area cap and the longest side enforced again; both sides multiples of `stride` (bicubic)."""
 
     max_side: int
     min_side: int
     stride: int
+    max_pixels: int
 
     @classmethod
     def scaled(cls, reference: tuple[int, int], max_side: int, stride: int) -> ImageResize:
         reference_max, reference_min = reference
         min_side = max(stride, round(reference_min * max_side / reference_max / stride) * stride)
-        return cls(max_side, min_side, stride)
+        return cls(max_side, min_side, stride, round(REFERENCE_MAX_PIXELS * (max_side / reference_max) ** 2))
 
     def _fit(self, width: float, height: float, scale: float) -> tuple[int, int]:
         return tuple(
@@ -63,6 +65,9 @@ class ImageResize:
     def size(self, width: int, height: int) -> tuple[int, int]:
         scale = max(min(self.max_side / max(width, height), 1.0), self.min_side / min(width, height))
         width, height = self._fit(width, height, scale)
+        if width * height > self.max_pixels:
+            # The reference scales both sides by the area ratio itself (not its square root); kept as is.
+            width, height = self._fit(width, height, self.max_pixels / (width * height))
         if max(width, height) > self.max_side:
             width, height = self._fit(width, height, self.max_side / max(width, height))
         return width, height
