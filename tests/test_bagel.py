@@ -260,6 +260,90 @@ def test_mot_routes_text_to_the_understanding_expert_and_latents_to_the_generati
     assert not torch.allclose(image_keys[:, :, -1], perturbed_image[:, :, -1])
 
 
+def test_understanding_expert_equals_transformers_qk_norm_qwen():
+    # Qwen3 is Qwen2 with the per-head q/k RMSNorm BAGEL adds; with q/k/v biases and a zero o_proj bias it is
+    # exactly BAGEL's understanding expert, so a causal text prefill must give the same hidden states.
+    from transformers import Qwen3Config, Qwen3Model
+
+    from teaserve.pipelines.bagel.config import LanguageModelConfig
+    from teaserve.pipelines.bagel.llm import KVContext, MoTQwen2Model
+
+    sizes = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "vocab_size": 100}
+    heads = {"num_attention_heads": 4, "num_key_value_heads": 2}
+    torch.manual_seed(0)
+    ours = MoTQwen2Model(LanguageModelConfig(**sizes, **heads)).eval()
+    with torch.no_grad():
+        for name, parameter in ours.named_parameters():
+            if "norm" in name:
+                parameter.add_(torch.randn_like(parameter) * 0.1)
+    reference = Qwen3Model(
+        Qwen3Config(**sizes, **heads, head_dim=16, attention_bias=True, rope_theta=1e6, rms_norm_eps=1e-6)
+    ).eval()
+    state = {name: tensor for name, tensor in ours.state_dict().items() if "moe_gen" not in name}
+    state.update({f"layers.{i}.self_attn.o_proj.bias": torch.zeros(64) for i in range(2)})
+    reference.load_state_dict(state, strict=True)
+    ids = torch.tensor([[5, 17, 3, 44, 9, 2, 71]])
+    with torch.no_grad():
+        expected = reference(input_ids=ids).last_hidden_state
+        hidden = ours.run(
+            ours.embed_tokens(ids), list(range(7)), context=KVContext.empty(2), gen_tokens=None, causal=True, store=True
+        )
+    assert torch.allclose(hidden, expected, atol=1e-5)
+
+
+def test_vision_tower_equals_transformers_siglip_with_the_conv_patch_weight():
+    # The checkpoint's Linear patch embedding is the SigLIP conv weight permuted to (out, row, column, channel).
+    from transformers import SiglipVisionConfig
+    from transformers import SiglipVisionModel as ReferenceSiglip
+
+    from teaserve.pipelines.bagel.config import VisionConfig
+    from teaserve.pipelines.bagel.packing import grid_position_ids, patchify
+    from teaserve.pipelines.bagel.vit import SiglipVisionModel
+
+    sizes = {"hidden_size": 32, "image_size": 56, "intermediate_size": 64, "num_attention_heads": 2, "patch_size": 14}
+    torch.manual_seed(0)
+    ours = SiglipVisionModel(VisionConfig.from_json({**sizes, "num_hidden_layers": 3})).eval()
+    reference = ReferenceSiglip(SiglipVisionConfig(**sizes, num_hidden_layers=2, vision_use_head=False)).eval()
+    state = ours.vision_model.state_dict()
+    name = "embeddings.patch_embedding.weight"
+    state[name] = state[name].reshape(32, 14, 14, 3).permute(0, 3, 1, 2)
+    reference.load_state_dict(state, strict=True)
+    image = torch.randn(3, 56, 56)
+    with torch.no_grad():
+        expected = reference(pixel_values=image[None]).last_hidden_state[0]
+        features = ours.vision_model(patchify(image, 14), grid_position_ids(4, 4, 4))
+    assert torch.allclose(features, expected, atol=1e-5)
+
+
+def test_autoencoder_equals_diffusers_autoencoder_kl_after_ldm_key_conversion():
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    from teaserve.pipelines.bagel.autoencoder import FluxAutoencoder
+    from teaserve.pipelines.bagel.config import AutoencoderConfig
+
+    torch.manual_seed(0)
+    ours = FluxAutoencoder(AutoencoderConfig(channels=32, channel_multipliers=(1, 2, 2, 2), z_channels=16)).eval()
+    with torch.no_grad():
+        for parameter in ours.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    config = {
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4,
+        "block_out_channels": [32, 64, 64, 64],
+        "layers_per_block": 2,
+        "latent_channels": 16,
+        "use_quant_conv": False,
+        "use_post_quant_conv": False,
+    }
+    reference = AutoencoderKL(**config).eval()
+    reference.load_state_dict(convert_ldm_vae_checkpoint(ours.state_dict(), config), strict=True)
+    images, latents = torch.randn(1, 3, 64, 48), torch.randn(1, 16, 8, 6)
+    with torch.no_grad():
+        assert torch.allclose(ours.encoder(images), reference.encoder(images), atol=1e-5)
+        assert torch.allclose(ours.decoder(latents), reference.decoder(latents), atol=1e-5)
+
+
 def test_text_prefilled_in_two_blocks_equals_one_block(omni):
     # The causal mask of a block over a cache must be bottom-right aligned (each new token sees all cached ones).
     pipe = omni.model.pipeline

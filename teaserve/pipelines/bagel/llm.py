@@ -261,8 +261,11 @@ class MoTQwen2Model(nn.Module):
     ) -> torch.Tensor:
         """Run a block through every layer against `context`; with `store`, append the block to the context.
 
-        Returns the final-normed hidden states [batch, tokens, hidden].
+        Returns the final-normed hidden states [batch, tokens, hidden]. Only context blocks can be causal: a
+        query block (not stored) is an image, which attends to all of its own tokens.
         """
+        if causal and not store:
+            raise ValueError("a causal block must be stored: query blocks are images, non-causal")
         config = self.config
         # A block shared by all images (text) joins a context that may already differ per image.
         hidden = hidden.expand(max(hidden.shape[0], context.batch_size), -1, -1)
