@@ -141,11 +141,10 @@ class MoTAttention(nn.Module):
             all_values = torch.cat([past[1].expand(batch, -1, -1, -1), value], dim=2)
         mask = None
         if causal:
-            new, total = query.shape[2], all_keys.shape[2]
-            # Bottom-right aligned: block token i sees the cached tokens and block tokens 0..i.
-            mask = torch.arange(total, device=x.device)[None] <= torch.arange(new, device=x.device)[:, None] + (
-                total - new
-            )
+            # Bottom-right aligned: block token i sees every cached token and the block's tokens 0..i.
+            cached = all_keys.shape[2] - query.shape[2]
+            key_index = torch.arange(all_keys.shape[2], device=x.device)
+            mask = key_index[None] <= torch.arange(query.shape[2], device=x.device)[:, None] + cached
         out = F.scaled_dot_product_attention(query, all_keys, all_values, attn_mask=mask, enable_gqa=True)
         out = out.transpose(1, 2).flatten(2)
         return route(out, gen_tokens, self.o_proj, self.o_proj_moe_gen), (key, value)
