@@ -137,6 +137,15 @@ def flux_gate(block: torch.nn.Module, arguments: dict[str, Any]) -> torch.Tensor
 QWEN_IMAGE_COEFFICIENTS = (-450.0, 280.0, -45.0, 3.2, -0.02)
 FLUX_COEFFICIENTS = (498.651651, -283.781631, 55.8554382, -3.82021401, 0.264230861)
 
+
+def bagel_gate(block: torch.nn.Module, arguments: dict[str, Any]) -> torch.Tensor:
+    # BAGEL has no adaLN: the flow time is added to the latent tokens, so the packed generation block entering
+    # the first MoT layer (markers + latent tokens) is the timestep-dependent signal, as in vLLM-Omni.
+    return arguments["hidden_states"]
+
+
+BAGEL_COEFFICIENTS = (1.33313129e6, -1.68644226e5, 7.95050740e3, -1.63747873e2, 1.26352397)
+
 TEACACHE_MODELS: dict[str, TeaCacheModel] = {
     "QwenImageTransformer2DModel": TeaCacheModel(
         blocks=lambda transformer: list(transformer.transformer_blocks),
@@ -149,6 +158,11 @@ TEACACHE_MODELS: dict[str, TeaCacheModel] = {
         blocks=lambda transformer: [*transformer.transformer_blocks, *transformer.single_transformer_blocks],
         gate=flux_gate,
         coefficients=FLUX_COEFFICIENTS,
+    ),
+    "BagelModel": TeaCacheModel(
+        blocks=lambda model: list(model.language_model.model.layers),
+        gate=bagel_gate,
+        coefficients=BAGEL_COEFFICIENTS,
     ),
 }
 

@@ -1,0 +1,66 @@
+"""BAGEL as a teaserve model family: text to image, and editing with one input image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..base import GenerationDefaults, ModelFamily, PipelineInputs
+from ..registry import register_family
+from .config import CHECKPOINT_FILES
+
+
+class Bagel(ModelFamily):
+    """ByteDance-Seed/BAGEL-7B-MoT. The request's CFG knobs map to BAGEL's two guidance scales:
+
+    true_cfg_scale -> cfg_text_scale (default 4.0); guidance_scale -> cfg_img_scale (default None: 1.0 for
+    text to image, 2.0 for edits, the reference notebook's values). A negative prompt, when given, fills the
+    text-dropped branch. An edit's output has the input image's size after BAGEL's resize (longest side at
+    most 1024, shortest at least 512, multiples of 16), so edits take no size.
+    """
+
+    architecture = "BagelForConditionalGeneration"
+    pipeline_class = "BagelPipeline"
+    task = "image-edit"
+    min_input_images = 0
+    max_input_images = 1
+    # 49 Euler steps = the reference schedule num_timesteps=50 (its last point, t = 0, is never evaluated).
+    defaults = GenerationDefaults(num_inference_steps=49, true_cfg_scale=4.0)
+
+    def matches_folder(self, folder: Path) -> bool:
+        return all((folder / name).is_file() for name in CHECKPOINT_FILES)
+
+    def load(self, source, device, dtype):
+        from .loader import load_bagel_pipeline
+
+        return load_bagel_pipeline(Path(source), device, dtype)
+
+    def size_multiple(self, pipe) -> int:
+        return pipe.size_multiple
+
+    def default_size(self, pipe) -> tuple[int, int]:
+        side = pipe.config.max_image_side
+        return side, side
+
+    def fixed_output_size(self, pipe, images, resolution, masked):
+        return pipe.edit_size(images[0])
+
+    def call_kwargs(self, pipe, inputs: PipelineInputs) -> dict[str, Any]:
+        return {
+            "prompt": inputs.prompt,
+            "image": inputs.images[0] if inputs.images else None,
+            "negative_prompt": inputs.negative_prompt,
+            "width": inputs.width,
+            "height": inputs.height,
+            "num_inference_steps": inputs.num_inference_steps,
+            "cfg_text_scale": inputs.true_cfg_scale,
+            "cfg_img_scale": inputs.guidance_scale,
+            "generator": inputs.generators,
+            "num_images_per_prompt": inputs.num_outputs,
+        }
+
+    def decode_preview(self, pipe, latents, inputs):
+        return pipe.decode(latents, inputs.width, inputs.height)
+
+
+register_family(Bagel())
