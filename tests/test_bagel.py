@@ -2,6 +2,7 @@
 
 import re
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -391,6 +392,8 @@ def test_http_generate_and_edit_with_the_openai_client(tiny_bagel):
         )
         assert decode_b64_image(edited.data[0].b64_json).size == (96, 64)
         assert edited.model_extra["cache"]["branches"].keys() == {"cond", "uncond_text", "uncond_image"}
+        too_large = httpx.post(f"{server.url}/v1/images/generations", json={"prompt": "x", "size": "4096x4096"})
+        assert too_large.status_code == 400 and "BAGEL generates sides" in too_large.json()["error"]["message"]
 
 
 def test_teaserve_generate_command(tiny_bagel, tmp_path, capsys):

@@ -181,6 +181,14 @@ def test_unknown_architecture_lists_the_supported_ones(tmp_path):
         load_model(str(tmp_path))
 
 
+def test_unreachable_hub_ids_fail_with_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="could not fetch model 'someone/missing-model' from the Hugging Face Hub"):
+        load_model("someone/missing-model")
+    with pytest.raises(ValueError, match="neither a model folder nor a Hugging Face Hub id"):
+        load_model("./no/such/folder")
+
+
 def test_unknown_cache_backend_and_env_var(tiny_qwen, monkeypatch):
     with pytest.raises(ValueError, match=r"unknown cache backend 'fast'; valid choices: none"):
         Omni(model=str(tiny_qwen), cache_backend="fast")

@@ -181,6 +181,7 @@ class AsyncEngine:
         else:
             width, height = model.default_size
 
+        family.check_size(model.pipeline, width, height)
         for name in ("layers", "resolution"):
             if getattr(params, name) is not None and getattr(defaults, name) is None:
                 raise ValueError(

@@ -94,6 +94,9 @@ class ModelFamily:
         """Width and height must be multiples of this (VAE downsampling times the 2x2 latent packing)."""
         return pipe.vae_scale_factor * 2
 
+    def check_size(self, pipe, width: int, height: int) -> None:
+        """Raise a ValueError for output sizes this model cannot make (beyond the engine's generic limits)."""
+
     def default_size(self, pipe) -> tuple[int, int]:
         side = pipe.default_sample_size * pipe.vae_scale_factor
         return side, side

@@ -90,8 +90,14 @@ def _local_folder(model: str) -> Path:
     if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
         raise ValueError(f"model {model!r} is neither a model folder nor a Hugging Face Hub id (owner/name)")
     from diffusers import DiffusionPipeline
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import EntryNotFoundError
 
     try:
+        try:
+            hf_hub_download(model, "model_index.json")
+        except EntryNotFoundError:  # published without a diffusers index (BAGEL): take the whole repository
+            return Path(snapshot_download(model))
         return Path(DiffusionPipeline.download(model))
     except Exception as error:  # the hub client raises many types: offline, not found, gated...
         raise ValueError(f"could not fetch model {model!r} from the Hugging Face Hub: {error}") from error

@@ -38,6 +38,9 @@ class Bagel(ModelFamily):
     def size_multiple(self, pipe) -> int:
         return pipe.size_multiple
 
+    def check_size(self, pipe, width, height):
+        pipe.check_size(width, height)
+
     def default_size(self, pipe) -> tuple[int, int]:
         side = pipe.config.max_image_side
         return side, side
