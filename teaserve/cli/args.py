@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from .. import __version__
 from ..cache import CACHE_BACKEND_ENV, cache_backend_names, parse_config_json
@@ -12,21 +11,12 @@ from ..pipelines import DTYPE_CHOICES
 from .bench import DEFAULT_THRESHOLDS, Variant
 
 
-def _cache_config(text: str) -> dict:
+def _json_object(text: str) -> dict:
+    """A JSON object argument, parsed strictly (bad JSON or another JSON type is refused)."""
     try:
         return parse_config_json(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({error.msg}): {text!r}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
-    return value
 
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +28,7 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--cache-config",
-        type=_cache_config,
+        type=_json_object,
         default=None,
         metavar="JSON",
         help="cache settings as a JSON object, e.g. '{\"rel_l1_thresh\": 0.2}'",
@@ -102,13 +92,7 @@ def _variant(text: str) -> Variant:
     name, separator, config = text.partition("=")
     if not separator:
         raise argparse.ArgumentTypeError(f"a variant looks like NAME=JSON, got {text!r}")
-    try:
-        settings = json.loads(config)
-    except json.JSONDecodeError as error:
-        raise argparse.ArgumentTypeError(f"variant {name!r}: not valid JSON ({error.msg})") from None
-    if not isinstance(settings, dict):
-        raise argparse.ArgumentTypeError(f"variant {name!r}: expected a JSON object")
-    return Variant(name, settings)
+    return Variant(name, _json_object(config))
 
 
 def _add_bench(subparsers) -> None:
