@@ -134,6 +134,14 @@ def _add_calibrate(subparsers) -> None:
     parser.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help="auto: bfloat16 on GPU, float32 on CPU")
 
 
+def _add_train_default(subparsers) -> None:
+    parser = subparsers.add_parser("train-default", help="retrain the embedded shapes model (about 50 CPU minutes)")
+    parser.add_argument("--out", required=True, help="folder to write the trained pipeline to")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scale", type=float, default=1.0, help="scale every stage's steps (quick trials: 0.05)")
+    parser.add_argument("--evaluate", type=int, default=302, help="held-out captions to evaluate on (302 = all)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="teaserve", description="OpenAI-compatible diffusion server with training-free step caching."
@@ -144,4 +152,5 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(subparsers)
     _add_bench(subparsers)
     _add_calibrate(subparsers)
+    _add_train_default(subparsers)
     return parser

@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
         from .bench import run
     elif args.command == "calibrate":
         from .calibrate import run
+    elif args.command == "train-default":
+        from .train_default import run
     try:
         return run(args)
     except ValueError as error:  # bad input: one clear line, no traceback
