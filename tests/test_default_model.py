@@ -54,9 +54,17 @@ def test_checker_tolerates_blur_and_notices_each_wrong_attribute():
     assert shapes.check(blank, scene) == shapes.Check(True, False, False, False, False)
 
 
-def test_training_recipe_at_toy_scale_gives_a_loadable_pipeline(tmp_path):
+def test_training_recipe_at_toy_scale_is_deterministic_and_gives_a_loadable_pipeline(tmp_path):
     config = dataclasses.replace(TrainingConfig().scaled(0.002), layers=1, transformer_batch=4, vae_batch=2)
     folder = train(config, tmp_path / "model", log=lambda message: None)
+    again = train(config, tmp_path / "again", log=lambda message: None)
+    for weights in (
+        "transformer/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+    ):
+        assert (folder / weights).read_bytes() == (again / weights).read_bytes()
+    assert json.loads((folder / "training.json").read_text())["bfloat16_fidelity"]["images"] == 8
     profile = json.loads((folder / "teaserve.json").read_text())
     assert profile["served_model_name"] == "teaserve/shapes-qwen-image"
     assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "QwenImagePipeline"

@@ -129,6 +129,13 @@ def _add_calibrate(subparsers) -> None:
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     parser.add_argument("--size", default=None, help="WIDTHxHEIGHT (default: the model's)")
     parser.add_argument("--true-cfg-scale", type=float, default=None)
+    parser.add_argument(
+        "--validate",
+        type=int,
+        default=0,
+        metavar="N",
+        help="check shrinkages of the fit on N further prompts and keep the best (default: off)",
+    )
     parser.add_argument("-o", "--output", default="teacache-profile.json", help="where to write the profile")
     parser.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help="auto: bfloat16 on GPU, float32 on CPU")

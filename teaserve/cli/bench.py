@@ -23,6 +23,7 @@ from PIL import Image
 
 from ..engine import AsyncEngine, OmniDiffusionSamplingParams, RequestOutput
 from ..engine.params import parse_size
+from ..pipelines.default_model import SERVED_MODEL_NAME, shapes
 
 GENERIC_PROMPTS = (
     "a cat sitting on a windowsill at sunset",
@@ -249,7 +250,6 @@ def plot(rows: Sequence[BenchRow], path: str | Path, title: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    prompts, checker = model_prompts(args, held_out=True)
     width, height = parse_size(args.size) if args.size else (None, None)
     params = OmniDiffusionSamplingParams(
         num_inference_steps=args.steps, width=width, height=height, true_cfg_scale=args.true_cfg_scale
@@ -264,6 +264,8 @@ def run(args: argparse.Namespace) -> int:
     )
     started = time.perf_counter()
     try:
+        prompts, checker = model_prompts(args, engine.model.name, held_out=True)
+        prompts = prompts[: args.num_prompts or 32]
         rows = run_bench(
             engine,
             prompts,
@@ -301,8 +303,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def model_prompts(args: argparse.Namespace, *, held_out: bool) -> tuple[list[str], Checker | None]:
-    """The prompts to run (first --num-prompts of them) and, for the embedded shapes model, its caption checker.
+def model_prompts(args: argparse.Namespace, model_name: str, *, held_out: bool) -> tuple[list[str], Checker | None]:
+    """Every candidate prompt (callers take the first ones) and, for the shapes model, its caption checker.
 
     The shapes model is benchmarked on captions it never saw in training (`held_out`) and calibrated on
     training captions; other models use --prompts FILE (one per line) or a built-in generic set.
@@ -310,13 +312,10 @@ def model_prompts(args: argparse.Namespace, *, held_out: bool) -> tuple[list[str
     checker = None
     if args.prompts:
         prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
-    elif args.model is None:
-        from ..pipelines.default_model import shapes
-
+    elif model_name == SERVED_MODEL_NAME:
         training, held = shapes.split_scenes()
-        prompts = [scene.caption for scene in (held if held_out else training)][: 32 if held_out else 16]
+        prompts = [scene.caption for scene in (held if held_out else training)]
         checker = lambda prompt, image: shapes.check(image, prompt).passed_all  # noqa: E731
     else:
         prompts = list(GENERIC_PROMPTS)
-    count = args.num_prompts or len(prompts)
-    return prompts[:count], checker
+    return prompts, checker
