@@ -6,6 +6,8 @@ import sys
 
 from PIL import Image
 
+from teaserve.pipelines.default_model import shapes
+
 
 def run_cli(*args, env=None):
     return subprocess.run([sys.executable, "-m", "teaserve", *args], capture_output=True, text=True, timeout=300)
@@ -17,7 +19,7 @@ def test_generate_on_the_default_model_writes_a_png(tmp_path):
     assert result.returncode == 0, result.stderr
     assert f"saved {out}" in result.stdout and "4 steps in" in result.stdout
     with Image.open(out) as image:
-        assert image.format == "PNG" and image.size == (32, 32)
+        assert image.format == "PNG" and image.size == (64, 64)
 
 
 def test_generate_with_bad_input_prints_one_clear_line(tmp_path):
@@ -89,6 +91,8 @@ def test_serve_then_the_readme_curl_example(tmp_path):
         assert result.returncode == 0, result.stderr
         with Image.open(tmp_path / "out.png") as image:
             assert image.format == "PNG"
+            # the embedded model draws what the README's prompt asks
+            assert shapes.check(image, "a small red circle at the top left on a blue background").passed_all
         assert "teaserve_images_generated_total 1.0" in httpx.get(f"http://127.0.0.1:{port}/metrics").text
     finally:
         server.send_signal(signal.SIGINT)  # Ctrl-C

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 from teaserve import Omni, OmniDiffusionSamplingParams
-from teaserve.pipelines.default_model import shapes
+from teaserve.pipelines.default_model import default_model_path, shapes
 from teaserve.pipelines.default_model.train import TrainingConfig, train
 
 
@@ -116,3 +116,31 @@ def test_calibrate_writes_a_profile_that_tea_cache_loads(tmp_path, tiny_qwen):
             )
     with pytest.raises(ValueError, match="cannot read coefficients_file"):
         Omni(model=str(tiny_qwen), cache_backend="tea_cache", cache_config={"coefficients_file": "/nonexistent"})
+
+
+# -- the shipped model --------------------------------------------------------------------------------------------
+def test_the_shipped_model_is_small_and_recommends_its_own_settings():
+    from teaserve.pipelines.default_model import SERVED_MODEL_NAME
+
+    folder = default_model_path()
+    size = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+    assert size <= 25 * 1024 * 1024
+    profile = json.loads((folder / "teaserve.json").read_text())
+    assert profile["served_model_name"] == SERVED_MODEL_NAME
+    assert profile["defaults"]["true_cfg_scale"] == 4.0 and profile["defaults"]["negative_prompt"] == " "
+    assert len(profile["cache"]["tea_cache"]["coefficients"]) == 5
+
+
+def test_the_shipped_model_draws_held_out_captions():
+    _, held_out = shapes.split_scenes()
+    scenes = held_out[:6]
+    with Omni(cache_backend="tea_cache") as omni:
+        assert omni.model.name == "teaserve/shapes-qwen-image"
+        outputs = omni.generate([scene.caption for scene in scenes], OmniDiffusionSamplingParams(seed=0))
+        calibrated = omni.engine.cache.config.coefficients
+    for output, scene in zip(outputs, scenes, strict=True):
+        assert output.images[0].size == (64, 64) and output.metrics.steps == 30
+        assert output.metrics.transformer_calls == 60  # true CFG with the blank negative prompt by default
+        assert shapes.check(output.images[0], scene).passed_all, scene.caption
+    profile = json.loads((default_model_path() / "teaserve.json").read_text())
+    assert list(calibrated) == profile["cache"]["tea_cache"]["coefficients"]

@@ -13,7 +13,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -143,7 +143,7 @@ def run_bench(
     base = params or OmniDiffusionSamplingParams()
 
     def generate(prompt: str, seed: int, cache_config: dict[str, Any]) -> RequestOutput:
-        request = engine.prepare(prompt, _with(base, seed=seed, cache_config=cache_config))
+        request = engine.prepare(prompt, replace(base, seed=seed, cache_config=cache_config))
         return engine.submit(request, block=True).result()
 
     for _ in range(warmup):
@@ -181,12 +181,6 @@ def run_bench(
     rows = [row("uncached", None, reference_totals)]
     rows += [row(variant.name, threshold, totals[key]) for key, (variant, threshold) in enumerate(configs)]
     return rows
-
-
-def _with(params: OmniDiffusionSamplingParams, **changes) -> OmniDiffusionSamplingParams:
-    from dataclasses import replace
-
-    return replace(params, **changes)
 
 
 def format_table(rows: Sequence[BenchRow]) -> str:

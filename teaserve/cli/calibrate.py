@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -84,7 +84,7 @@ def record(engine: AsyncEngine, prompts: list[str], seeds, params) -> dict[str, 
     try:
         for index, prompt in enumerate(prompts):
             for seed in seeds:
-                request = engine.prepare(prompt, _with_seed(params, seed))
+                request = engine.prepare(prompt, replace(params, seed=seed))
                 output = engine.submit(request, block=True).result()
                 for branch, branch_pairs in collect_pairs(output.metrics.cache).items():
                     pairs.setdefault(branch, []).extend(branch_pairs)
@@ -92,12 +92,6 @@ def record(engine: AsyncEngine, prompts: list[str], seeds, params) -> dict[str, 
     finally:
         engine.cache.record_outputs(False)
     return pairs
-
-
-def _with_seed(params: OmniDiffusionSamplingParams, seed: int) -> OmniDiffusionSamplingParams:
-    from dataclasses import replace
-
-    return replace(params, seed=seed)
 
 
 def validate(engine: AsyncEngine, fit: Fit, prompts: list[str], params) -> tuple[float, dict[str, float]]:

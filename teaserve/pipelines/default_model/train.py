@@ -24,7 +24,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -67,8 +67,6 @@ class TrainingConfig:
 
     def scaled(self, factor: float) -> TrainingConfig:
         """The same recipe with every stage's step count (and the latent pool) scaled, for quick trials."""
-        from dataclasses import replace
-
         return replace(
             self,
             vae_steps=max(1, int(self.vae_steps * factor)),
