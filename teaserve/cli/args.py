@@ -19,6 +19,11 @@ def _json_object(text: str) -> dict:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _add_device_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help="auto: bfloat16 on GPU, float32 on CPU")
+
+
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cache-backend",
@@ -33,8 +38,7 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
         metavar="JSON",
         help="cache settings as a JSON object, e.g. '{\"rel_l1_thresh\": 0.2}'",
     )
-    parser.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
-    parser.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help="auto: bfloat16 on GPU, float32 on CPU")
+    _add_device_flags(parser)
 
 
 def _add_serve(subparsers) -> None:
@@ -95,16 +99,21 @@ def _variant(text: str) -> Variant:
     return Variant(name, _json_object(config))
 
 
-def _add_bench(subparsers) -> None:
-    parser = subparsers.add_parser("bench", help="measure cached against uncached speed and quality")
+def _add_sweep_flags(parser: argparse.ArgumentParser) -> None:
+    """The model and the prompts, seeds and sampling that bench and calibrate run."""
     parser.add_argument("model", nargs="?", default=None, help="model folder or hub id (default: the embedded model)")
-    parser.add_argument("--thresholds", type=_floats, default=list(DEFAULT_THRESHOLDS), help="comma-separated")
     parser.add_argument("--prompts", default=None, help="file with one prompt per line (default: built-in prompts)")
     parser.add_argument("--num-prompts", type=int, default=None, help="use only the first N prompts")
     parser.add_argument("--seeds", type=_ints, default=[0], help="comma-separated seeds")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     parser.add_argument("--size", default=None, help="WIDTHxHEIGHT (default: the model's)")
     parser.add_argument("--true-cfg-scale", type=float, default=None)
+
+
+def _add_bench(subparsers) -> None:
+    parser = subparsers.add_parser("bench", help="measure cached against uncached speed and quality")
+    _add_sweep_flags(parser)
+    parser.add_argument("--thresholds", type=_floats, default=list(DEFAULT_THRESHOLDS), help="comma-separated")
     parser.add_argument(
         "--variant",
         type=_variant,
@@ -116,19 +125,12 @@ def _add_bench(subparsers) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="uncached warm-up runs, not counted")
     parser.add_argument("--json", default=None, help="also write the table as JSON here")
     parser.add_argument("--plot", default=None, help="also draw speedup against PSNR into this PNG")
-
     _add_model_flags(parser)
 
 
 def _add_calibrate(subparsers) -> None:
     parser = subparsers.add_parser("calibrate", help="fit TeaCache's coefficients to a model")
-    parser.add_argument("model", nargs="?", default=None, help="model folder or hub id (default: the embedded model)")
-    parser.add_argument("--prompts", default=None, help="file with one prompt per line (default: built-in prompts)")
-    parser.add_argument("--num-prompts", type=int, default=None, help="use only the first N prompts")
-    parser.add_argument("--seeds", type=_ints, default=[0], help="comma-separated seeds")
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
-    parser.add_argument("--size", default=None, help="WIDTHxHEIGHT (default: the model's)")
-    parser.add_argument("--true-cfg-scale", type=float, default=None)
+    _add_sweep_flags(parser)
     parser.add_argument(
         "--validate",
         type=int,
@@ -137,8 +139,7 @@ def _add_calibrate(subparsers) -> None:
         help="check shrinkages of the fit on N further prompts and keep the best (default: off)",
     )
     parser.add_argument("-o", "--output", default="teacache-profile.json", help="where to write the profile")
-    parser.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
-    parser.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help="auto: bfloat16 on GPU, float32 on CPU")
+    _add_device_flags(parser)
 
 
 def _add_train_default(subparsers) -> None:

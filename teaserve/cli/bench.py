@@ -243,11 +243,16 @@ def plot(rows: Sequence[BenchRow], path: str | Path, title: str) -> None:
     plt.close(figure)
 
 
-def run(args: argparse.Namespace) -> int:
+def sweep_params(args: argparse.Namespace) -> OmniDiffusionSamplingParams:
+    """The sampling of a bench or calibration sweep: the model's defaults unless the flags say otherwise."""
     width, height = parse_size(args.size) if args.size else (None, None)
-    params = OmniDiffusionSamplingParams(
+    return OmniDiffusionSamplingParams(
         num_inference_steps=args.steps, width=width, height=height, true_cfg_scale=args.true_cfg_scale
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    params = sweep_params(args)
     engine = AsyncEngine(
         args.model,
         cache_backend="tea_cache",

@@ -21,9 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..engine import AsyncEngine, OmniDiffusionSamplingParams
-from ..engine.params import parse_size
-from .bench import BenchRow, Variant, model_prompts, run_bench
+from ..engine import AsyncEngine
+from .bench import BenchRow, Variant, model_prompts, run_bench, sweep_params
 
 SHRINKAGES = (1.0, 0.75, 0.5, 0.25, 0.1)
 VALIDATION_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.6, 0.8)
@@ -172,10 +171,7 @@ def profile(engine: AsyncEngine, calibration: Calibration, prompts: list[str], s
 
 
 def run(args: argparse.Namespace) -> int:
-    width, height = parse_size(args.size) if args.size else (None, None)
-    params = OmniDiffusionSamplingParams(
-        num_inference_steps=args.steps, width=width, height=height, true_cfg_scale=args.true_cfg_scale
-    )
+    params = sweep_params(args)
     engine = AsyncEngine(args.model, cache_backend="tea_cache", device=args.device, dtype=args.dtype)
     started = time.perf_counter()
     try:

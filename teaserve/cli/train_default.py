@@ -10,6 +10,7 @@ import dataclasses
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from ..engine import AsyncEngine, OmniDiffusionSamplingParams
@@ -30,6 +31,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"{time.perf_counter() - started:7.0f}s {message}", file=sys.stderr, flush=True)
 
     folder = Path(train(config, args.out, log=log))
+    calibrate_and_evaluate(folder, args.evaluate, log)
+    return 0
+
+
+def calibrate_and_evaluate(folder: Path, evaluate_count: int, log: Callable[[str], None]) -> None:
+    """Fit TeaCache's coefficients to a trained shapes model (into its teaserve.json), then check it on
+    held-out captions (evaluation.json, samples.png)."""
     log("calibrating TeaCache on training captions")
     captions = [scene.caption for scene in shapes.split_scenes()[0]]
     calibration_prompts = captions[:CALIBRATION_PROMPTS]
@@ -49,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
 
     log("evaluating on held-out captions")
     _, held_out = shapes.split_scenes()
-    evaluation = evaluate(folder, held_out[: args.evaluate])
+    evaluation = evaluate(folder, held_out[:evaluate_count])
     accuracy = evaluation.accuracy()
     print(
         f"held-out captions ({len(evaluation.scenes)}), default sampling: "
@@ -60,4 +68,3 @@ def run(args: argparse.Namespace) -> int:
     )
     sample_grid(evaluation, folder / "samples.png")
     print(f"wrote {folder} (teaserve.json with calibrated TeaCache coefficients, samples.png, evaluation.json)")
-    return 0
