@@ -286,18 +286,16 @@ def small_edit_condition_images(area: int = 64 * 64):
 
     originals = {module: module.calculate_dimensions for module in (edit, inpaint, edit_plus, layered)}
     kontext_resolutions = kontext.PREFERRED_KONTEXT_RESOLUTIONS
+    edit_plus_sizes = edit_plus.VAE_IMAGE_SIZE, edit_plus.CONDITION_IMAGE_SIZE
     side = int(area**0.5)
     kontext.PREFERRED_KONTEXT_RESOLUTIONS = [(side, side), (side, side * 3 // 4), (side * 3 // 4, side)]
     try:
         for module, original in originals.items():
             module.calculate_dimensions = lambda target, ratio, original=original: original(min(target, area), ratio)
-        edit_plus.VAE_IMAGE_SIZE, edit_plus.CONDITION_IMAGE_SIZE = (
-            min(edit_plus.VAE_IMAGE_SIZE, area),
-            min(edit_plus.CONDITION_IMAGE_SIZE, area),
-        )
+        edit_plus.VAE_IMAGE_SIZE, edit_plus.CONDITION_IMAGE_SIZE = (min(size, area) for size in edit_plus_sizes)
         yield
     finally:
         for module, original in originals.items():
             module.calculate_dimensions = original
-        edit_plus.VAE_IMAGE_SIZE, edit_plus.CONDITION_IMAGE_SIZE = 1024 * 1024, 384 * 384
+        edit_plus.VAE_IMAGE_SIZE, edit_plus.CONDITION_IMAGE_SIZE = edit_plus_sizes
         kontext.PREFERRED_KONTEXT_RESOLUTIONS = kontext_resolutions
