@@ -28,6 +28,15 @@ def test_generate_with_bad_input_prints_one_clear_line(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith("teaserve generate: error: width must be")
 
 
+def test_calibrate_with_too_few_prompts_says_how_many_it_needs(tiny_qwen):
+    result = run_cli("calibrate", str(tiny_qwen), "--num-prompts", "16", "--validate", "8")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "teaserve calibrate: error: 16 calibration prompts and 8 validation prompts need 24 prompts, there are 8: "
+        "give more with --prompts FILE (one per line)"
+    )
+
+
 def free_port() -> int:
     import socket
 

@@ -177,9 +177,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         candidates, _ = model_prompts(args, engine.model.name, held_out=False)
         count = args.num_prompts or min(16, len(candidates))
+        if len(candidates) < count + args.validate:
+            raise ValueError(
+                f"{count} calibration prompts and {args.validate} validation prompts need {count + args.validate} "
+                f"prompts, there are {len(candidates)}: give more with --prompts FILE (one per line)"
+            )
         prompts, validation = candidates[:count], candidates[count : count + args.validate]
-        if len(validation) < args.validate:
-            raise ValueError(f"--validate {args.validate} needs that many prompts beyond the {count} calibration ones")
         calibration = calibrate(engine, prompts, validation, args.seeds, params)
     finally:
         engine.shutdown()
