@@ -22,7 +22,6 @@ import argparse
 import statistics
 import tempfile
 import time
-from dataclasses import replace
 
 from teaserve.cli.bench import GENERIC_PROMPTS, format_table, run_bench
 from teaserve.cli.main import quiet_libraries
@@ -49,7 +48,7 @@ def per_call_costs(engine: AsyncEngine, prompts, params, thresholds) -> tuple[fl
     for threshold in thresholds:
         for prompt in prompts:
             timer.seconds.clear()
-            request = engine.prepare(prompt, replace(params, cache_config={"rel_l1_thresh": threshold}))
+            request = engine.prepare(prompt, params.replace(cache_config={"rel_l1_thresh": threshold}))
             output = engine.submit(request, block=True).result()
             (branch,) = output.metrics.cache["branches"].values()  # no CFG: one branch, one call per step
             schedules.setdefault(threshold, []).append(branch["schedule"])

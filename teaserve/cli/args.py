@@ -1,44 +1,68 @@
-"""Every command-line flag of `teaserve`, in one place."""
+"""Every command-line flag of `teaserve`, in one place (the engine's own come from `EngineArgs.add_cli_args`)."""
 
 from __future__ import annotations
 
 import argparse
 
 from .. import __version__
-from ..cache import CACHE_BACKEND_ENV, cache_backend_names, parse_config_json
-from ..engine import DEFAULT_MAX_QUEUE_SIZE
-from ..pipelines import DTYPE_CHOICES
+from ..engine import EngineArgs, OmniDiffusionSamplingParams
+from ..engine.args import flag_of, json_object_arg
+from ..engine.params import parse_size, values_from_strings
 from .bench import DEFAULT_THRESHOLDS, Variant
 
+CACHE_AND_DEVICE = ("cache_backend", "cache_config", "device", "dtype")
+"""The engine settings that bench reads (calibrate: the device ones)."""
 
-def _json_object(text: str) -> dict:
-    """A JSON object argument, parsed strictly (bad JSON or another JSON type is refused)."""
-    try:
-        return parse_config_json(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+SAMPLING_FLAGS = {"num_inference_steps": ("--steps",), "num_outputs_per_prompt": ("-n", "--num-images")}
+"""Short flags of sampling parameters; the others are --field-name."""
 
-
-def _add_device_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
-    parser.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help="auto: bfloat16 on GPU, float32 on CPU")
+SAMPLING_FLAGS_APART = ("width", "height", "cache_config", "model_knobs")
+"""Sampling parameters with flags of their own: --size, --request-cache-config, --model-param."""
 
 
-def _add_model_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--cache-backend",
-        choices=cache_backend_names(),
-        default=None,
-        help=f"step-caching method (default: ${CACHE_BACKEND_ENV}, else none)",
-    )
-    parser.add_argument(
-        "--cache-config",
-        type=_json_object,
+def _model_param(text: str) -> tuple[str, str]:
+    name, separator, value = text.partition("=")
+    if not separator or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"a model parameter looks like NAME=VALUE (e.g. layers=4), got {text!r}")
+    return name, value
+
+
+def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    """A flag for every field of the sampling-parameter schema; values are checked by the schema itself."""
+    group = parser.add_argument_group("sampling (default: the model's)")
+    for name, spec in OmniDiffusionSamplingParams.model_fields.items():
+        if name not in SAMPLING_FLAGS_APART:
+            group.add_argument(*SAMPLING_FLAGS.get(name, (flag_of(name),)), dest=name, help=spec.description)
+    group.add_argument("--size", default=None, help="WIDTHxHEIGHT")
+    group.add_argument(
+        "--request-cache-config",
+        type=json_object_arg,
         default=None,
         metavar="JSON",
-        help="cache settings as a JSON object, e.g. '{\"rel_l1_thresh\": 0.2}'",
+        help="per-request cache overrides, e.g. '{\"rel_l1_thresh\": 0.4}'",
     )
-    _add_device_flags(parser)
+    group.add_argument(
+        "--model-param",
+        type=_model_param,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a parameter of the model's own (e.g. layers=4 for a layered model; VALUE is JSON or text); repeatable",
+    )
+
+
+def sampling_params(args: argparse.Namespace) -> OmniDiffusionSamplingParams:
+    """The sampling parameters given on the command line (see `_add_sampling_flags`)."""
+    schema = OmniDiffusionSamplingParams
+    given = {name: getattr(args, name) for name in schema.model_fields if name not in SAMPLING_FLAGS_APART}
+    width, height = parse_size(args.size) if args.size else (None, None)
+    return schema(
+        **values_from_strings(schema, {name: text for name, text in given.items() if text is not None}),
+        width=width,
+        height=height,
+        cache_config=args.request_cache_config,
+        model_knobs=values_from_strings(schema, dict(args.model_param)),
+    )
 
 
 def _add_serve(subparsers) -> None:
@@ -49,12 +73,9 @@ def _add_serve(subparsers) -> None:
     serve.add_argument("--port", type=int, default=8091)
     serve.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (env TEASERVE_API_KEY)")
     serve.add_argument("--served-model-name", default=None, help="model id reported by /v1/models and accepted")
-    serve.add_argument(
-        "--max-queue-size", type=int, default=DEFAULT_MAX_QUEUE_SIZE, help="waiting requests (429 after)"
-    )
     serve.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body in MB (413 above)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    _add_model_flags(serve)
+    EngineArgs.add_cli_args(serve)
 
 
 def _add_generate(subparsers) -> None:
@@ -63,25 +84,10 @@ def _add_generate(subparsers) -> None:
         "model_and_prompt", nargs="+", metavar="[MODEL] PROMPT", help="model (default: the embedded one), then prompt"
     )
     generate.add_argument("-o", "--output", default="out.png", help="output file (several images: out-0.png, ...)")
-    generate.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
-    generate.add_argument("--seed", type=int, default=None)
-    generate.add_argument("--size", default=None, help="WIDTHxHEIGHT (default: the model's)")
-    generate.add_argument("-n", "--num-images", type=int, default=1)
-    generate.add_argument("--negative-prompt", default=None)
-    generate.add_argument("--true-cfg-scale", type=float, default=None)
-    generate.add_argument("--guidance-scale", type=float, default=None)
     generate.add_argument("--image", action="append", default=[], help="input image for edit models (repeatable)")
     generate.add_argument("--mask", default=None, help="mask image for inpainting edits")
-    generate.add_argument("--layers", type=int, default=None, help="layers for Qwen-Image-Layered")
-    generate.add_argument("--resolution", type=int, default=None, help="640 or 1024 for Qwen-Image-Layered")
-    generate.add_argument(
-        "--request-cache-config",
-        type=_json_object,
-        default=None,
-        metavar="JSON",
-        help="per-request cache overrides, e.g. '{\"rel_l1_thresh\": 0.4}'",
-    )
-    _add_model_flags(generate)
+    _add_sampling_flags(generate)
+    EngineArgs.add_cli_args(generate)
 
 
 def _floats(text: str) -> list[float]:
@@ -96,7 +102,7 @@ def _variant(text: str) -> Variant:
     name, separator, config = text.partition("=")
     if not separator:
         raise argparse.ArgumentTypeError(f"a variant looks like NAME=JSON, got {text!r}")
-    return Variant(name, _json_object(config))
+    return Variant(name, json_object_arg(config))
 
 
 def _add_sweep_flags(parser: argparse.ArgumentParser) -> None:
@@ -125,7 +131,7 @@ def _add_bench(subparsers) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="uncached warm-up runs, not counted")
     parser.add_argument("--json", default=None, help="also write the table as JSON here")
     parser.add_argument("--plot", default=None, help="also draw speedup against PSNR into this PNG")
-    _add_model_flags(parser)
+    EngineArgs.add_cli_args(parser, only=CACHE_AND_DEVICE)
 
 
 def _add_calibrate(subparsers) -> None:
@@ -139,7 +145,7 @@ def _add_calibrate(subparsers) -> None:
         help="check shrinkages of the fit on N further prompts and keep the best (default: off)",
     )
     parser.add_argument("-o", "--output", default="teacache-profile.json", help="where to write the profile")
-    _add_device_flags(parser)
+    EngineArgs.add_cli_args(parser, only=("device", "dtype"))
 
 
 def _add_train_default(subparsers) -> None:

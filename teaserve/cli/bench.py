@@ -13,7 +13,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -143,7 +143,7 @@ def run_bench(
     base = params or OmniDiffusionSamplingParams()
 
     def generate(prompt: str, seed: int, cache_config: dict[str, Any]) -> RequestOutput:
-        request = engine.prepare(prompt, replace(base, seed=seed, cache_config=cache_config))
+        request = engine.prepare(prompt, base.replace(seed=seed, cache_config=cache_config))
         return engine.submit(request, block=True).result()
 
     for _ in range(warmup):

@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -83,7 +83,7 @@ def record(engine: AsyncEngine, prompts: list[str], seeds, params) -> dict[str, 
     try:
         for index, prompt in enumerate(prompts):
             for seed in seeds:
-                request = engine.prepare(prompt, replace(params, seed=seed))
+                request = engine.prepare(prompt, params.replace(seed=seed))
                 output = engine.submit(request, block=True).result()
                 for branch, branch_pairs in collect_pairs(output.metrics.cache).items():
                     pairs.setdefault(branch, []).extend(branch_pairs)

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
-from ..engine import Omni, OmniDiffusionSamplingParams
-from ..engine.params import parse_size
+from ..engine import EngineArgs, Omni
+from .args import sampling_params
 
 
 def output_paths(output: str, count: int) -> list[Path]:
@@ -24,25 +25,13 @@ def run(args: argparse.Namespace) -> int:
     if len(args.model_and_prompt) > 2:
         raise ValueError("give at most a model and a prompt (quote the prompt)")
     model, prompt = (None, *args.model_and_prompt) if len(args.model_and_prompt) == 1 else args.model_and_prompt
-    width, height = parse_size(args.size) if args.size else (None, None)
-    params = OmniDiffusionSamplingParams(
-        num_inference_steps=args.steps,
-        width=width,
-        height=height,
-        seed=args.seed,
-        negative_prompt=args.negative_prompt,
-        true_cfg_scale=args.true_cfg_scale,
-        guidance_scale=args.guidance_scale,
-        num_outputs_per_prompt=args.num_images,
-        layers=args.layers,
-        resolution=args.resolution,
-        cache_config=args.request_cache_config,
-    )
+    params = sampling_params(args)
+    engine_args = dataclasses.replace(EngineArgs.from_cli_args(args), model=model)
     media = {"image": args.image} if args.image else {}
     if args.mask:
         media["mask"] = args.mask
     started = time.perf_counter()
-    with Omni(model, args.cache_backend, args.cache_config, args.device, args.dtype) as omni:
+    with Omni(engine_args) as omni:
         loaded = time.perf_counter()
         request = {"prompt": prompt, "multi_modal_data": media}
         with tqdm(total=None, desc="denoising", unit="step", file=sys.stderr) as bar:

@@ -8,30 +8,23 @@ import os
 
 import uvicorn
 
-from ..engine import AsyncEngine
+from ..engine import AsyncEngine, EngineArgs
 from ..server import build_app
 
 logger = logging.getLogger("teaserve.serve")
 
+API_KEY_ENV = "TEASERVE_API_KEY"
+
 
 def run(args: argparse.Namespace) -> int:
-    if args.max_queue_size < 1:
-        raise ValueError(f"--max-queue-size must be at least 1, got {args.max_queue_size}")
     if args.max_body_mb <= 0:
         raise ValueError(f"--max-body-mb must be positive, got {args.max_body_mb}")
     # The model loads before the port opens: a client never meets a half-started server.
-    engine = AsyncEngine(
-        args.model,
-        cache_backend=args.cache_backend,
-        cache_config=args.cache_config,
-        device=args.device,
-        dtype=args.dtype,
-        max_queue_size=args.max_queue_size,
-    )
+    engine = AsyncEngine(EngineArgs.from_cli_args(args))
     app = build_app(
         engine,
         served_model_name=args.served_model_name,
-        api_key=args.api_key or os.environ.get("TEASERVE_API_KEY"),
+        api_key=args.api_key or os.environ.get(API_KEY_ENV),
         max_body_bytes=int(args.max_body_mb * 1024 * 1024),
     )
     logger.info(

@@ -1,31 +1,36 @@
-"""The engine: sampling params, request/output types, the single model worker, AsyncEngine and Omni."""
+"""The engine: sampling params, engine settings and limits, request/output types, the single model worker,
+AsyncEngine and Omni."""
 
-from .async_engine import DEFAULT_MAX_QUEUE_SIZE, AsyncEngine, RequestHandle
-from .images import InvalidImageError, open_image
-from .omni import Omni
-from .params import MAX_OUTPUTS, MAX_PIXELS, MAX_STEPS, OmniDiffusionSamplingParams
-from .request import (
+from .args import DEFAULT_MAX_QUEUE_SIZE, EngineArgs
+from .async_engine import AsyncEngine, RequestHandle
+from .errors import (
+    DeviceOutOfMemoryError,
     EngineStoppedError,
     GenerationError,
-    GenerationRequest,
-    ProgressEvent,
-    PromptInput,
+    InvalidImageError,
+    InvalidParameterError,
     QueueFullError,
     RequestCancelledError,
-    RequestMetrics,
-    RequestOutput,
+    RequestTimeoutError,
 )
+from .images import ImageSource
+from .omni import Omni
+from .params import MAX_OUTPUTS, MAX_STEPS, OmniDiffusionSamplingParams, SamplingFields
+from .request import GenerationRequest, ProgressEvent, PromptInput, RequestMetrics, RequestOutput
 
 __all__ = [
     "DEFAULT_MAX_QUEUE_SIZE",
     "MAX_OUTPUTS",
-    "MAX_PIXELS",
     "MAX_STEPS",
     "AsyncEngine",
+    "DeviceOutOfMemoryError",
+    "EngineArgs",
     "EngineStoppedError",
     "GenerationError",
     "GenerationRequest",
+    "ImageSource",
     "InvalidImageError",
+    "InvalidParameterError",
     "Omni",
     "OmniDiffusionSamplingParams",
     "ProgressEvent",
@@ -35,5 +40,6 @@ __all__ = [
     "RequestHandle",
     "RequestMetrics",
     "RequestOutput",
-    "open_image",
+    "RequestTimeoutError",
+    "SamplingFields",
 ]

@@ -14,34 +14,30 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+import torch
+from PIL import Image
+from pydantic import ValidationError
+
 from ..cache import CACHE_BACKENDS, create_cache_backend, resolve_backend_name
-from ..pipelines import LoadedModel, editing_architectures, load_model
-from .images import InvalidImageError
-from .params import MAX_PIXELS, MAX_SEED, OmniDiffusionSamplingParams
-from .request import (
+from ..pipelines import LoadedModel, architectures_with_knob, editing_architectures, load_model
+from .args import EngineArgs
+from .errors import (
+    DeviceOutOfMemoryError,
     EngineStoppedError,
     GenerationError,
-    GenerationRequest,
-    ProgressEvent,
-    PromptInput,
+    InvalidImageError,
+    InvalidParameterError,
     QueueFullError,
     RequestCancelledError,
-    RequestOutput,
+    RequestTimeoutError,
 )
+from .images import ImageSource, open_inputs
+from .limits import check_output_limits
+from .params import MAX_SEED, OmniDiffusionSamplingParams, parameter_error
+from .request import GenerationRequest, ProgressEvent, PromptInput, RequestOutput
 from .worker import ModelWorker
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_MAX_QUEUE_SIZE = 16
-
-
-def fit_size(width: int, height: int, multiple: int) -> tuple[int, int]:
-    """The closest size to `width` x `height` in multiples of `multiple`, scaled down to the pixel cap."""
-    scale = min(1.0, math.sqrt(MAX_PIXELS / (width * height)))
-    return (
-        max(multiple, round(width * scale / multiple) * multiple),
-        max(multiple, round(height * scale / multiple) * multiple),
-    )
 
 
 class RequestHandle:
@@ -78,34 +74,27 @@ class RequestHandle:
 class AsyncEngine:
     """Owns one model on one worker thread; usable from threads (`submit`) and from asyncio (`generate`).
 
+    `AsyncEngine(EngineArgs(...))`, or `AsyncEngine(model, **settings)` with EngineArgs fields as keywords.
     Requests run one at a time in submission order. The queue is bounded: when it is full, `submit` raises
-    QueueFullError (or waits, with block=True). `profile=True` also times the transformer, synchronising the
-    device around each call (for benchmarks).
+    QueueFullError (or waits, with block=True). A request over one of the limits is refused by `prepare`; one
+    that runs past `request_timeout` fails with RequestTimeoutError, even in the middle of a step.
     """
 
-    def __init__(
-        self,
-        model: str | Path | LoadedModel | None = None,
-        *,
-        cache_backend: str | None = None,
-        cache_config: dict[str, Any] | None = None,
-        device: str | None = None,
-        dtype: str | None = None,
-        max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
-        profile: bool = False,
-    ):
-        if isinstance(max_queue_size, bool) or not isinstance(max_queue_size, int) or max_queue_size < 1:
-            raise ValueError(f"max_queue_size must be a positive integer, got {max_queue_size!r}")
-        self.cache_backend_name = resolve_backend_name(cache_backend)
-        create_cache_backend(self.cache_backend_name, cache_config)  # bad settings fail before a long model load
-        self.model = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
+    def __init__(self, model: str | Path | LoadedModel | EngineArgs | None = None, **settings: Any):
+        self.args = args = EngineArgs.of(model, settings)
+        self.cache_backend_name = resolve_backend_name(args.cache_backend)
+        create_cache_backend(self.cache_backend_name, args.cache_config)  # bad settings fail before a long load
+        if isinstance(args.model, LoadedModel):
+            self.model = args.model
+        else:
+            self.model = load_model(args.model, device=args.device, dtype=args.dtype)
         # The model's own recommendation (e.g. calibrated coefficients) under the user's settings.
         backend = CACHE_BACKENDS[self.cache_backend_name]
         model_settings = self.model.cache_defaults.get(self.cache_backend_name)
-        self.cache = backend.from_config(backend.merge_settings(model_settings, cache_config))
-        self._worker = ModelWorker(self.model, self.cache, profile=profile)
-        self.max_queue_size = max_queue_size
-        self._queue: queue.Queue[RequestHandle | None] = queue.Queue(maxsize=max_queue_size)
+        self.cache = backend.from_config(backend.merge_settings(model_settings, args.cache_config))
+        self._worker = ModelWorker(self.model, self.cache, profile=args.profile)
+        self.max_queue_size = args.max_queue_size
+        self._queue: queue.Queue[RequestHandle | None] = queue.Queue(maxsize=args.max_queue_size)
         self._active: dict[str, RequestHandle] = {}
         self._running: RequestHandle | None = None
         self._seconds_per_request = 1.0
@@ -127,6 +116,30 @@ class AsyncEngine:
     def num_running(self) -> int:
         return 0 if self._running is None else 1
 
+    # -- admission ---------------------------------------------------------------------------------
+    def check_inputs(self, image_count: int, has_mask: bool) -> None:
+        """Refuse a number of input images, or a mask, that the model does not take (nothing is decoded yet)."""
+        model, family = self.model, self.model.family
+        if not family.min_input_images <= image_count <= family.max_input_images:
+            if family.max_input_images == 0:
+                raise InvalidImageError(
+                    f"model {model.name} ({model.architecture}) generates from text only and takes no input image; "
+                    f"architectures that edit images: {', '.join(editing_architectures())}"
+                )
+            raise InvalidImageError(
+                f"model {model.name} ({model.architecture}) takes {family.min_input_images} to "
+                f"{family.max_input_images} input image(s), got {image_count}"
+            )
+        if has_mask and not family.supports_mask:
+            raise InvalidImageError(f"masks are not supported by model {model.name} ({model.architecture})", "mask")
+
+    def open_inputs(
+        self, images: list[ImageSource], mask: ImageSource | None
+    ) -> tuple[list[Image.Image], Image.Image | None]:
+        """Check the count, then the pixel limits from the headers, then decode. Blocking: run it off the loop."""
+        self.check_inputs(len(images), mask is not None)
+        return open_inputs(images, mask, self.args)
+
     # -- preparing requests --------------------------------------------------------------------
     def prepare(
         self,
@@ -135,63 +148,27 @@ class AsyncEngine:
         *,
         num_previews: int = 0,
     ) -> GenerationRequest:
-        """Resolve a prompt and params against the loaded model; bad input raises a ValueError here."""
+        """Resolve a prompt and params against the loaded model and the limits; bad input raises an
+        InvalidParameterError (a ValueError naming the parameter) here, before anything is queued."""
         prompt = PromptInput.from_user(prompt)
         params = params or OmniDiffusionSamplingParams()
-        model, family = self.model, self.model.family
-        defaults = model.defaults
-
-        count = len(prompt.images)
-        if not family.min_input_images <= count <= family.max_input_images:
-            if family.max_input_images == 0:
-                raise InvalidImageError(
-                    f"model {model.name} ({model.architecture}) generates from text only and takes no input image; "
-                    f"architectures that edit images: {', '.join(editing_architectures())}"
-                )
-            raise InvalidImageError(
-                f"model {model.name} ({model.architecture}) takes {family.min_input_images} to "
-                f"{family.max_input_images} input image(s), got {count}"
-            )
-        if prompt.mask is not None and not family.supports_mask:
-            raise InvalidImageError(f"masks are not supported by model {model.name} ({model.architecture})", "mask")
-        if prompt.mask is not None and prompt.mask.size != prompt.images[0].size:
-            raise InvalidImageError(
-                f"the mask ({prompt.mask.width}x{prompt.mask.height}) must have the size of the first image "
-                f"({prompt.images[0].width}x{prompt.images[0].height})",
-                "mask",
-            )
-        resolution = params.resolution or defaults.resolution
-        multiple = model.size_multiple
-        fixed = None
-        if prompt.images:
-            fixed = family.fixed_output_size(model.pipeline, prompt.images, resolution, prompt.mask is not None)
-        if fixed is not None:
-            if params.width is not None:
-                when = " for masked edits" if prompt.mask is not None else ""
-                raise ValueError(f"{model.architecture} sizes its output from the input image{when}; omit size")
-            width, height = fixed
-        elif params.width is not None:
-            width, height = params.width, params.height
-            if width % multiple or height % multiple:
-                raise ValueError(
-                    f"width and height must be multiples of {multiple} for this model, got {width}x{height}"
-                )
-        elif prompt.images and family.task == "image-edit":
-            width, height = fit_size(*prompt.images[0].size, multiple)
-        else:
-            width, height = model.default_size
-
-        family.check_size(model.pipeline, width, height)
-        for name in ("layers", "resolution"):
-            if getattr(params, name) is not None and getattr(defaults, name) is None:
-                raise ValueError(
-                    f"{name} only applies to layered models (Qwen-Image-Layered), not {model.architecture}"
-                )
-
+        defaults = self.model.defaults
+        images, mask = self.open_inputs(prompt.images, prompt.mask)
+        knobs = self.model_knobs(params.model_knobs)
+        width, height = self.output_size(params, images, mask is not None, knobs)
         steps = params.num_inference_steps or defaults.num_inference_steps
-        self.cache.check_overrides(params.cache_config)
+        outputs = params.num_outputs_per_prompt
+        check_output_limits(
+            self.args,
+            steps=steps,
+            outputs=outputs,
+            width=width,
+            height=height,
+            images_per_output=self.model.family.images_per_output(knobs),
+        )
+        self.check_cache_config(params.cache_config)
         return GenerationRequest(
-            prompt=prompt,
+            prompt=prompt.prompt,
             params=params,
             width=width,
             height=height,
@@ -202,12 +179,69 @@ class AsyncEngine:
                 defaults.negative_prompt,
             ),
             guidance_scale=defaults.guidance_scale if params.guidance_scale is None else params.guidance_scale,
-            seed=random.SystemRandom().randrange(2**32) if params.seed is None else params.seed,
-            num_outputs=params.num_outputs_per_prompt,
-            layers=params.layers or defaults.layers,
-            resolution=resolution,
+            seed=self.seed(params.seed, outputs),
+            num_outputs=outputs,
+            images=images,
+            mask=mask,
+            model_knobs=knobs,
             preview_steps=preview_steps(steps, num_previews),
         )
+
+    def model_knobs(self, values: dict[str, Any]) -> dict[str, Any]:
+        """The model-only parameters of a request, validated by the model's family, its defaults filled in."""
+        family, architecture = self.model.family, self.model.architecture
+        declared = {} if family.knobs is None else family.knobs.model_fields
+        for name in values:
+            if name in declared:
+                continue
+            takers = architectures_with_knob(name)
+            if takers:
+                raise InvalidParameterError(f"{name} only applies to {', '.join(takers)}, not {architecture}", name)
+            valid = f"; {architecture} also takes: {', '.join(declared)}" if declared else ""
+            raise InvalidParameterError(f"unknown parameter {name!r}{valid}", name)
+        if family.knobs is None:
+            return {}
+        try:
+            return family.knobs.model_validate(values).model_dump()
+        except ValidationError as error:
+            raise parameter_error(error, family.knobs) from None
+
+    def output_size(
+        self, params: OmniDiffusionSamplingParams, images: list[Image.Image], masked: bool, knobs: dict[str, Any]
+    ) -> tuple[int, int]:
+        """The output size by the model's size rules (a size the model cannot make is refused, naming size)."""
+        model = self.model
+        try:
+            return model.family.output_size(
+                model.pipeline,
+                params.size,
+                images,
+                masked=masked,
+                knobs=knobs,
+                default=model.default_size,
+                max_pixels=self.args.max_image_pixels,
+            )
+        except ValueError as error:
+            raise InvalidParameterError(str(error), "size") from None
+
+    @staticmethod
+    def seed(seed: int | None, outputs: int) -> int:
+        """The request's base seed: the given one, which must leave room for one seed per output, or a drawn one."""
+        if seed is None:
+            return random.SystemRandom().randrange(2**32)
+        if seed + outputs - 1 > MAX_SEED:
+            raise InvalidParameterError(
+                f"seed {seed} leaves no room for {outputs} consecutive seeds (image i uses seed + i); "
+                f"the largest seed for {outputs} images is {MAX_SEED - outputs + 1}",
+                "seed",
+            )
+        return seed
+
+    def check_cache_config(self, overrides: dict[str, Any] | None) -> None:
+        try:
+            self.cache.check_overrides(overrides)
+        except ValueError as error:
+            raise InvalidParameterError(str(error), "cache_config") from None
 
     # -- running -------------------------------------------------------------------------------
     def submit(
@@ -220,8 +254,6 @@ class AsyncEngine:
         """Queue a prepared request. With block=False a full queue raises QueueFullError."""
         if self._stopped:
             raise EngineStoppedError("the engine has shut down")
-        if request.seed + request.num_outputs - 1 > MAX_SEED:
-            raise ValueError(f"seed must leave room for {request.num_outputs} consecutive seeds below {MAX_SEED}")
         handle = RequestHandle(request, on_progress)
         self._active[request.request_id] = handle
         try:
@@ -257,12 +289,17 @@ class AsyncEngine:
         """Yield progress events as the request runs, then its output. Leaving early cancels the request."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[ProgressEvent] = asyncio.Queue()
-        handle = self.submit(request, on_progress=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+
+        def push(event: ProgressEvent) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        handle = self.submit(request, on_progress=push)
         finished = asyncio.wrap_future(handle.future)
         try:
             while True:
                 next_event = asyncio.ensure_future(events.get())
-                done, _ = await asyncio.wait({next_event, finished}, return_when=asyncio.FIRST_COMPLETED)
+                waiting: set[asyncio.Future[Any]] = {next_event, finished}
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
                 if next_event in done:
                     yield next_event.result()
                     continue
@@ -293,23 +330,56 @@ class AsyncEngine:
         try:
             output = self._worker.run(
                 handle.request,
-                should_stop=lambda: handle.cancel_requested or self._stopped,
+                check_stop=self._stop_check(handle),
                 on_progress=handle.emit,
                 queue_seconds=started - handle.submitted_at,
             )
-        except RequestCancelledError as error:
-            handle.future.set_exception(error)
         except Exception as error:  # a failing request fails alone; the worker goes on
-            logger.exception("request %s failed", handle.request_id)
-            failure = GenerationError(f"generation failed: {type(error).__name__}: {error}")
-            failure.__cause__ = error
-            handle.future.set_exception(failure)
+            handle.future.set_exception(self._failure(handle.request_id, error))
         else:
             handle.future.set_result(output)
         finally:
             self._running = None
             elapsed = time.perf_counter() - started
             self._seconds_per_request = 0.8 * self._seconds_per_request + 0.2 * elapsed
+
+    def _stop_check(self, handle: RequestHandle) -> Callable[[], None]:
+        """What the worker calls between steps and inside them: raises once the request must stop."""
+        timeout = self.args.request_timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def check_stop() -> None:
+            if handle.cancel_requested or self._stopped:
+                raise RequestCancelledError(f"request {handle.request_id} was cancelled")
+            if deadline is not None and time.monotonic() > deadline:
+                raise RequestTimeoutError(
+                    f"request {handle.request_id} ran past its deadline of {timeout:g} s and was stopped; ask for "
+                    "fewer steps or pixels (the server's request_timeout, --request-timeout, sets the deadline)"
+                )
+
+        return check_stop
+
+    @staticmethod
+    def _failure(request_id: str, error: Exception) -> Exception:
+        """The exception a failed request's future gets: cancellations and deadlines as they are, device
+        memory exhaustion as DeviceOutOfMemoryError, anything else as a GenerationError whose message carries no
+        internal text (the traceback goes to the log with the request id)."""
+        if isinstance(error, RequestCancelledError | RequestTimeoutError):
+            logger.info("request %s stopped: %s", request_id, error)
+            return error
+        failure: GenerationError
+        if isinstance(error, torch.OutOfMemoryError):
+            logger.error("request %s ran out of device memory: %s", request_id, error)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            failure = DeviceOutOfMemoryError(
+                f"request {request_id} ran out of device memory; retry later, or ask for fewer or smaller images"
+            )
+        else:
+            logger.error("request %s failed", request_id, exc_info=error)
+            failure = GenerationError(f"generation of request {request_id} failed; the server log has the details")
+        failure.__cause__ = error
+        return failure
 
     def shutdown(self, *, wait: bool = True) -> None:
         """Stop taking requests, cancel the waiting ones and the running one, and stop the worker."""

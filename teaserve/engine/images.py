@@ -1,57 +1,89 @@
-"""Safe decoding of user-supplied images."""
+"""Safe decoding of user-supplied images: headers first, pixels only once every header is within the limits."""
 
 from __future__ import annotations
 
 import io
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from .params import MAX_PIXELS
+from .args import EngineArgs
+from .errors import InvalidImageError
+from .limits import check_input_limits
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 
-
-class InvalidImageError(ValueError):
-    """An input image that cannot be used; `param` names the input it came from."""
-
-    def __init__(self, message: str, param: str = "image"):
-        super().__init__(message)
-        self.param = param
+ImageSource = bytes | str | Path | BinaryIO | Image.Image
+"""An input image as a user gives it: encoded bytes, a file path, an open binary file, or a PIL image."""
 
 
-def open_image(data: bytes | str | Path | Image.Image, *, param: str = "image") -> Image.Image:
-    """Decode `data` (bytes, a file path or a PIL image) into a fully loaded, upright PIL image.
+def open_header(data: ImageSource, param: str = "image") -> Image.Image:
+    """A lazily opened image: its header is read (size, format), none of its pixels are decoded.
 
-    The format is sniffed from the bytes (never from a name or content type); the pixel count is checked from
-    the header, before any pixel is decoded, so a decompression bomb costs nothing.
+    The format is sniffed from the bytes (never from a name or content type).
     """
     if isinstance(data, Image.Image):
-        image = data
-    else:
-        if isinstance(data, str | Path):
-            try:
-                data = Path(data).read_bytes()
-            except OSError as error:
-                raise InvalidImageError(f"cannot read image file: {error}", param) from None
-        if not data:
-            raise InvalidImageError("the image is empty", param)
+        return data
+    if isinstance(data, str | Path):
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
-        except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-            raise InvalidImageError(
-                f"not a supported image ({', '.join(ACCEPTED_FORMATS).lower()}): {error}", param
-            ) from None
-    width, height = image.size
-    if width * height > MAX_PIXELS:
-        raise InvalidImageError(f"image of {width}x{height} is over the cap of {MAX_PIXELS} pixels", param)
-    if width == 0 or height == 0:
+            data = Path(data).read_bytes()
+        except OSError as error:
+            raise InvalidImageError(f"cannot read image file: {error}", param) from None
+    stream = io.BytesIO(data) if isinstance(data, bytes) else data
+    if stream.seek(0, io.SEEK_END) == 0:
+        raise InvalidImageError("the image is empty", param)
+    stream.seek(0)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(stream, formats=ACCEPTED_FORMATS)
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise InvalidImageError(
+            f"not a supported image ({', '.join(ACCEPTED_FORMATS).lower()}): {error}", param
+        ) from None
+    if image.width == 0 or image.height == 0:
         raise InvalidImageError("the image has no pixels", param)
+    return image
+
+
+def decode_image(image: Image.Image, param: str = "image") -> Image.Image:
+    """Decode the pixels of an image opened by `open_header`, upright (EXIF orientation applied)."""
     try:
         image.load()
+        if image.getexif().get(ExifTags.Base.Orientation, 1) == 1:
+            return image
         return ImageOps.exif_transpose(image)
     except (OSError, ValueError, SyntaxError) as error:  # truncated or corrupt data
         raise InvalidImageError(f"the image could not be decoded: {error}", param) from None
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """The size an image has once decoded upright: EXIF orientations 5 to 8 turn it by a quarter."""
+    width, height = image.size
+    return (height, width) if image.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8) else (width, height)
+
+
+def open_inputs(
+    images: list[ImageSource], mask: ImageSource | None, args: EngineArgs
+) -> tuple[list[Image.Image], Image.Image | None]:
+    """Decode a request's input images and mask, refusing from the headers alone what is over `args`' limits.
+
+    Blocking (it decodes pixels): call it off the event loop.
+    """
+    headers = [open_header(image, "image") for image in images]
+    mask_header = None if mask is None else open_header(mask, "mask")
+    sizes = [("image", header.size) for header in headers]
+    if mask_header is not None:
+        sizes.append(("mask", mask_header.size))
+    check_input_limits(args, sizes)
+    if mask_header is not None and headers and upright_size(mask_header) != upright_size(headers[0]):
+        mask_size, image_size = upright_size(mask_header), upright_size(headers[0])
+        raise InvalidImageError(
+            f"the mask ({mask_size[0]}x{mask_size[1]}) must have the size of the first image "
+            f"({image_size[0]}x{image_size[1]})",
+            "mask",
+        )
+    decoded = [decode_image(header, "image") for header in headers]
+    return decoded, None if mask_header is None else decode_image(mask_header, "mask")

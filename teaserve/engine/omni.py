@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from ..pipelines import LoadedModel
-from .async_engine import DEFAULT_MAX_QUEUE_SIZE, AsyncEngine
+from .args import EngineArgs
+from .async_engine import AsyncEngine
 from .params import OmniDiffusionSamplingParams
 from .request import ProgressEvent, PromptInput, RequestOutput
 
@@ -22,26 +23,21 @@ class Omni:
 
     `model=None` is the embedded default model. `cache_backend=None` reads $DIFFUSION_CACHE_BACKEND
     (default "none"). `device`/`dtype` default to cuda + bfloat16 when a GPU is present, else cpu + float32.
+    Further keywords are EngineArgs fields (limits, `max_queue_size`, `request_timeout`); `model` may also be
+    an EngineArgs.
     """
 
     def __init__(
         self,
-        model: str | Path | LoadedModel | None = None,
+        model: str | Path | LoadedModel | EngineArgs | None = None,
         cache_backend: str | None = None,
         cache_config: dict[str, Any] | None = None,
         device: str | None = None,
         dtype: str | None = None,
-        *,
-        max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
+        **settings: Any,
     ):
-        self.engine = AsyncEngine(
-            model,
-            cache_backend=cache_backend,
-            cache_config=cache_config,
-            device=device,
-            dtype=dtype,
-            max_queue_size=max_queue_size,
-        )
+        named = {"cache_backend": cache_backend, "cache_config": cache_config, "device": device, "dtype": dtype}
+        self.engine = AsyncEngine(model, **{k: v for k, v in named.items() if v is not None}, **settings)
 
     @property
     def model(self) -> LoadedModel:

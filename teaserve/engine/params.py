@@ -1,96 +1,218 @@
-"""User-facing sampling parameters, validated on construction."""
+"""The sampling-parameter schema: one pydantic model serves the Python API, the engine, the HTTP protocol and the CLI.
+
+Bounds are declared once, as Field constraints. They are the schema's own ceilings; what a server actually
+accepts is narrowed per deployment by its limits (`EngineArgs`), checked when a request is prepared.
+"""
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-from typing import Any
+import json
+import re
+import types
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+from annotated_types import Ge, Le, MaxLen
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError, model_validator
+from pydantic.fields import FieldInfo
+
+from .errors import InvalidParameterError
 
 MAX_STEPS = 1000
 MAX_OUTPUTS = 10
-SIZE_MULTIPLE = 16
-MAX_PIXELS = 4096 * 4096
-"""Cap on width x height of generated images and on decoded input images."""
+MAX_SIDE = 65536
+"""The schema's ceiling on a side; the server's pixel and aspect-ratio limits decide what it serves."""
 MAX_SEED = 2**63 - 1
-LAYER_RANGE = (2, 10)
-RESOLUTIONS = (640, 1024)
+MAX_SCALE = 100.0
 MAX_PROMPT_CHARS = 32000
 
+OutputCount = Annotated[StrictInt, Field(ge=1, le=MAX_OUTPUTS)]
+"""Images per prompt: `num_outputs_per_prompt` in Python, `n` over HTTP."""
 
-def _check_int(name: str, value: Any, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"{name} must be an integer in {low}..{high}, got {value!r}")
+WIRE_NAMES = {"width": "size", "height": "size", "num_outputs_per_prompt": "n"}
+"""Python field names whose HTTP parameter has another name; errors carry the HTTP name."""
 
-
-def _check_scale(name: str, value: Any, high: float = 100.0) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a number in 0..{high:g}, got {value!r}")
-    if not 0 <= value <= high:
-        raise ValueError(f"{name} must be a number in 0..{high:g}, got {value!r}")
+_SIZE = re.compile(r"\s*([0-9]{1,9})\s*[xX]\s*([0-9]{1,9})\s*")
 
 
-def check_size(width: int, height: int, multiple: int = SIZE_MULTIPLE) -> None:
-    for name, value in (("width", width), ("height", height)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < multiple or value % multiple:
-            raise ValueError(f"{name} must be a positive multiple of {multiple}, got {value!r}")
-    if width * height > MAX_PIXELS:
-        raise ValueError(f"size {width}x{height} is over the cap of {MAX_PIXELS} pixels (e.g. 4096x4096)")
+class SamplingFields(BaseModel):
+    """The sampling parameters named alike in Python, over HTTP (OpenAI `extra_body`) and on the command line."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    num_inference_steps: StrictInt | None = Field(
+        default=None, ge=1, le=MAX_STEPS, description="denoising steps (default: the model's)"
+    )
+    seed: StrictInt | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_SEED,
+        description="base seed: image i uses seed + i; drawn and reported when omitted; 0 is a real seed",
+    )
+    negative_prompt: str | None = Field(
+        default=None, max_length=MAX_PROMPT_CHARS, description="text for true CFG (default: the model's)"
+    )
+    true_cfg_scale: StrictFloat | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_SCALE,
+        allow_inf_nan=False,
+        description="true classifier-free guidance scale; CFG runs when > 1 with a negative prompt",
+    )
+    guidance_scale: StrictFloat | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_SCALE,
+        allow_inf_nan=False,
+        description="embedded guidance of guidance-distilled models; image guidance of others",
+    )
+    cache_config: dict[str, Any] | None = Field(
+        default=None,
+        description='per-request cache overrides, e.g. {"rel_l1_thresh": 0.4} or {"enabled": false}',
+    )
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """Parse "WIDTHxHEIGHT" (e.g. "1024x768") into (width, height); the values are checked by the params."""
-    parts = text.strip().lower().split("x")
-    if len(parts) != 2 or not all(part.strip().isdigit() for part in parts):
-        raise ValueError(f"size must look like WIDTHxHEIGHT, e.g. 1024x1024, got {text!r}")
-    return int(parts[0]), int(parts[1])
+class OmniDiffusionSamplingParams(SamplingFields):
+    """What a user may choose for one generation; validated on construction. Fields left None take the model's
+    defaults.
 
-
-@dataclass(frozen=True)
-class OmniDiffusionSamplingParams:
-    """What a user may choose for one generation. Fields left as None take the model's defaults.
-
-    num_inference_steps: denoising steps (1..1000; the model's default, 50 for Qwen-Image, when None).
-    height, width: output size in pixels, multiples of 16, at most 4096x4096 pixels in all.
+    num_inference_steps: denoising steps (the model's default when None).
+    height, width: output size in pixels (both or neither); the model decides the multiple, the engine's limits
+        the largest size.
     seed: base seed; image i of a request uses seed + i. None draws one and reports it. 0 is a real seed.
     negative_prompt: text for true CFG; None uses the model's recommended one.
     true_cfg_scale: true classifier-free guidance scale; CFG runs when > 1 with a negative prompt.
-    guidance_scale: embedded guidance of guidance-distilled models (Flux); ignored by others.
-    num_outputs_per_prompt: images per prompt (1..10).
-    layers, resolution: Qwen-Image-Layered only (2..10 layers; 640 or 1024).
+    guidance_scale: embedded guidance of guidance-distilled models (Flux); image guidance of others.
+    num_outputs_per_prompt: images per prompt.
     cache_config: per-request cache overrides, e.g. {"rel_l1_thresh": 0.4} or {"enabled": false}.
+    Any other keyword is a model-only parameter (`model_knobs`), declared and checked by the model's family
+    when the request is prepared, e.g. `layers=4` for a layered model.
+
+    A bad value raises an InvalidParameterError (a ValueError) that names the parameter and its valid range.
     """
 
-    num_inference_steps: int | None = None
-    height: int | None = None
-    width: int | None = None
-    seed: int | None = None
-    negative_prompt: str | None = None
-    true_cfg_scale: float | None = None
-    guidance_scale: float | None = None
-    num_outputs_per_prompt: int = 1
-    layers: int | None = None
-    resolution: int | None = None
-    cache_config: dict[str, Any] | None = field(default=None, hash=False)
+    height: StrictInt | None = Field(default=None, ge=1, le=MAX_SIDE, description="output height in pixels")
+    width: StrictInt | None = Field(default=None, ge=1, le=MAX_SIDE, description="output width in pixels")
+    num_outputs_per_prompt: OutputCount = Field(default=1, description="images per prompt")
+    model_knobs: dict[str, Any] = Field(
+        default_factory=dict, description="model-only parameters, declared and checked by the model's family"
+    )
 
-    def __post_init__(self) -> None:
-        if self.num_inference_steps is not None:
-            _check_int("num_inference_steps", self.num_inference_steps, 1, MAX_STEPS)
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as error:
+            raise parameter_error(error, type(self), WIRE_NAMES) from None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _collect_model_knobs(cls, data: Any) -> Any:
+        """Keywords that are not sampling parameters are the model's own knobs."""
+        if not isinstance(data, dict):
+            return data
+        knobs = {name: value for name, value in data.items() if name not in cls.model_fields}
+        if not knobs:
+            return data
+        declared = {name: value for name, value in data.items() if name in cls.model_fields}
+        return {**declared, "model_knobs": {**(declared.get("model_knobs") or {}), **knobs}}
+
+    @model_validator(mode="after")
+    def _both_sides_or_neither(self) -> OmniDiffusionSamplingParams:
         if (self.width is None) != (self.height is None):
-            raise ValueError("give both width and height, or neither (the model's default size)")
-        if self.width is not None:
-            check_size(self.width, self.height)
-        if self.seed is not None:
-            _check_int("seed", self.seed, 0, MAX_SEED)
-        if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
-            raise ValueError(f"negative_prompt must be a string, got {type(self.negative_prompt).__name__}")
-        if self.true_cfg_scale is not None:
-            _check_scale("true_cfg_scale", self.true_cfg_scale)
-        if self.guidance_scale is not None:
-            _check_scale("guidance_scale", self.guidance_scale)
-        _check_int("num_outputs_per_prompt", self.num_outputs_per_prompt, 1, MAX_OUTPUTS)
-        if self.layers is not None:
-            _check_int("layers", self.layers, *LAYER_RANGE)
-        if self.resolution is not None and self.resolution not in RESOLUTIONS:
-            raise ValueError(f"resolution must be one of {', '.join(map(str, RESOLUTIONS))}, got {self.resolution!r}")
-        if self.cache_config is not None and not isinstance(self.cache_config, dict):
-            raise ValueError(f"cache_config must be a dict of cache settings, got {type(self.cache_config).__name__}")
+            raise InvalidParameterError("give both width and height, or neither (the model's default size)", "size")
+        return self
+
+    @property
+    def size(self) -> tuple[int, int] | None:
+        return None if self.width is None or self.height is None else (self.width, self.height)
+
+    def replace(self, **changes: Any) -> OmniDiffusionSamplingParams:
+        """A copy with `changes` applied, validated like a new instance."""
+        return type(self)(**{**dict(self), **changes})
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """Parse "WIDTHxHEIGHT" (ASCII digits, e.g. "1024x768") into (width, height); the params check the values."""
+    match = _SIZE.fullmatch(text) if isinstance(text, str) else None
+    if match is None:
+        raise InvalidParameterError(
+            f"size must look like WIDTHxHEIGHT with each side at most {MAX_SIDE}, e.g. 1024x1024, got {text!r}", "size"
+        )
+    return int(match[1]), int(match[2])
+
+
+def values_from_strings(model: type[BaseModel], values: Mapping[str, str]) -> dict[str, Any]:
+    """Text values (form fields, command-line flags) as the JSON values they spell, for strict validation.
+
+    Fields typed as text stay text; every other value is parsed as JSON when it is JSON ("4" -> 4, "true" -> True)
+    and stays text otherwise, so that validation names the parameter and what it expects.
+    """
+    parsed: dict[str, Any] = {}
+    for name, text in values.items():
+        field = model.model_fields.get(name)
+        if field is not None and _base_type(field.annotation) is str:
+            parsed[name] = text
+            continue
+        try:
+            parsed[name] = json.loads(text)
+        except ValueError:  # not JSON (or beyond the int parser's digit limit): validation reports it
+            parsed[name] = text
+    return parsed
+
+
+# -- clear messages from validation errors ---------------------------------------------------------------------
+def parameter_error(
+    error: ValidationError, model: type[BaseModel], wire_names: Mapping[str, str] | None = None
+) -> InvalidParameterError:
+    """The first problem of `error` as an InvalidParameterError naming the parameter and its valid values."""
+    details = error.errors()[0]
+    cause = details.get("ctx", {}).get("error")
+    if isinstance(cause, InvalidParameterError):
+        return cause
+    location = details["loc"]
+    name = str(location[0]) if location else model.__name__
+    field = model.model_fields.get(name)
+    if details["type"] == "extra_forbidden" or field is None:
+        message = f"unknown parameter {name!r}; valid parameters: {', '.join(model.model_fields)}"
+    elif len(location) == 1:
+        message = f"{name} must be {describe_field(field)}, got {_shown(details['input'])}"
+    else:
+        message = f"{name}: {details['msg']} at {'.'.join(map(str, location[1:]))} (got {_shown(details['input'])})"
+    return InvalidParameterError(message, (wire_names or {}).get(name, name))
+
+
+def describe_field(field: FieldInfo) -> str:
+    """What a field accepts, from its declaration: "an integer in 1..1000", "one of 640, 1024", ..."""
+    low = next((m.ge for m in field.metadata if isinstance(m, Ge)), None)
+    high = next((m.le for m in field.metadata if isinstance(m, Le)), None)
+    span = f" in {low:g}..{high:g}" if low is not None and high is not None else ""
+    base = _base_type(field.annotation)
+    if get_origin(base) is Literal:
+        return "one of " + ", ".join(map(str, get_args(base)))
+    if base is int:
+        span = f" in {low}..{high}" if low is not None and high is not None else ""
+        return f"an integer{span}"
+    if base is float:
+        return f"a finite number{span}"
+    if base is str:
+        longest = next((m.max_length for m in field.metadata if isinstance(m, MaxLen)), None)
+        return "a string" + ("" if longest is None else f" of at most {longest} characters")
+    if base is dict or get_origin(base) is dict:
+        return "an object"
+    return f"of type {getattr(base, '__name__', base)}"
+
+
+def _base_type(annotation: Any) -> Any:
+    """`int` for `int | None`, `Annotated[int, ...]` and friends."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _base_type(get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        members = [member for member in get_args(annotation) if member is not type(None)]
+        return _base_type(members[0]) if len(members) == 1 else annotation
+    return annotation
+
+
+def _shown(value: Any) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= 80 else shown[:77] + "..."

@@ -1,4 +1,4 @@
-"""Request, output, progress and error types of the engine."""
+"""Request, output and progress types of the engine."""
 
 from __future__ import annotations
 
@@ -8,28 +8,9 @@ from typing import Any
 
 from PIL import Image
 
-from .images import open_image
+from .errors import InvalidParameterError
+from .images import ImageSource
 from .params import MAX_PROMPT_CHARS, OmniDiffusionSamplingParams
-
-
-class RequestCancelledError(Exception):
-    """The request was cancelled before it finished."""
-
-
-class QueueFullError(Exception):
-    """The engine's queue is full; retry after `retry_after` seconds."""
-
-    def __init__(self, message: str, retry_after: int = 1):
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class EngineStoppedError(RuntimeError):
-    """The engine has shut down."""
-
-
-class GenerationError(RuntimeError):
-    """The pipeline failed while running a request (the engine goes on with the next one)."""
 
 
 def new_request_id() -> str:
@@ -38,20 +19,25 @@ def new_request_id() -> str:
 
 @dataclass
 class PromptInput:
-    """One prompt with its optional negative prompt, input images and mask."""
+    """One prompt with its optional negative prompt, input images and mask, as the user gave them (the engine
+    checks and decodes the images when it prepares the request)."""
 
     prompt: str
     negative_prompt: str | None = None
-    images: list[Image.Image] = field(default_factory=list)
-    mask: Image.Image | None = None
+    images: list[ImageSource] = field(default_factory=list)
+    mask: ImageSource | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):
-            raise ValueError(f"prompt must be a string, got {type(self.prompt).__name__}")
+            raise InvalidParameterError(f"prompt must be a string, got {type(self.prompt).__name__}", "prompt")
         if len(self.prompt) > MAX_PROMPT_CHARS:
-            raise ValueError(f"prompt is {len(self.prompt)} characters long; the limit is {MAX_PROMPT_CHARS}")
+            raise InvalidParameterError(
+                f"prompt is {len(self.prompt)} characters long; the limit is {MAX_PROMPT_CHARS}", "prompt"
+            )
         if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
-            raise ValueError(f"negative_prompt must be a string, got {type(self.negative_prompt).__name__}")
+            raise InvalidParameterError(
+                f"negative_prompt must be a string, got {type(self.negative_prompt).__name__}", "negative_prompt"
+            )
 
     @classmethod
     def from_user(cls, value: str | dict[str, Any] | PromptInput) -> PromptInput:
@@ -61,35 +47,35 @@ class PromptInput:
         if isinstance(value, str):
             return cls(prompt=value)
         if not isinstance(value, dict):
-            raise ValueError(f"a prompt must be a string or a dict, got {type(value).__name__}")
+            raise InvalidParameterError(f"a prompt must be a string or a dict, got {type(value).__name__}", "prompt")
         unknown = set(value) - {"prompt", "negative_prompt", "multi_modal_data"}
         if unknown:
-            raise ValueError(
-                f"unknown prompt key(s) {sorted(unknown)}; valid keys: prompt, negative_prompt, multi_modal_data"
+            raise InvalidParameterError(
+                f"unknown prompt key(s) {sorted(unknown)}; valid keys: prompt, negative_prompt, multi_modal_data",
+                "prompt",
             )
         if "prompt" not in value:
-            raise ValueError("a prompt dict needs a 'prompt' key")
+            raise InvalidParameterError("a prompt dict needs a 'prompt' key", "prompt")
         media = value.get("multi_modal_data") or {}
         unknown = set(media) - {"image", "mask"}
         if unknown:
-            raise ValueError(f"unknown multi_modal_data key(s) {sorted(unknown)}; valid keys: image, mask")
+            raise InvalidParameterError(
+                f"unknown multi_modal_data key(s) {sorted(unknown)}; valid keys: image, mask", "image"
+            )
         images = media.get("image") or []
-        if not isinstance(images, list | tuple):
-            images = [images]
-        mask = media.get("mask")
         return cls(
             prompt=value["prompt"],
             negative_prompt=value.get("negative_prompt"),
-            images=[open_image(image) for image in images],
-            mask=None if mask is None else open_image(mask, param="mask"),
+            images=list(images) if isinstance(images, list | tuple) else [images],
+            mask=media.get("mask"),
         )
 
 
 @dataclass
 class GenerationRequest:
-    """A request resolved against the loaded model: every setting is concrete."""
+    """A request resolved against the loaded model: every setting is concrete, the input images are decoded."""
 
-    prompt: PromptInput
+    prompt: str
     params: OmniDiffusionSamplingParams
     width: int
     height: int
@@ -99,8 +85,10 @@ class GenerationRequest:
     guidance_scale: float | None
     seed: int
     num_outputs: int
-    layers: int | None = None
-    resolution: int | None = None
+    images: list[Image.Image] = field(default_factory=list)
+    mask: Image.Image | None = None
+    model_knobs: dict[str, Any] = field(default_factory=dict)
+    """The model-only parameters, validated by the model's family, defaults filled in."""
     preview_steps: frozenset[int] = frozenset()
     """0-based steps after which a preview image is decoded and sent with the progress event."""
     request_id: str = field(default_factory=new_request_id)

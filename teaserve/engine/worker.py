@@ -4,14 +4,67 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
+from PIL import Image
 
 from ..cache import CacheBackend
-from ..pipelines import LoadedModel, PipelineInputs
-from .request import GenerationRequest, ProgressEvent, RequestCancelledError, RequestMetrics, RequestOutput
+from ..pipelines import LoadedModel, ModelFamily, PipelineInputs
+from .request import GenerationRequest, ProgressEvent, RequestMetrics, RequestOutput
 
 ProgressCallback = Callable[[ProgressEvent], None]
+StopCheck = Callable[[], None]
+"""Raises when the running request must stop (cancelled, past its deadline); returns otherwise."""
+
+
+def _never_stop() -> None:
+    return None
+
+
+def stoppable_modules(pipeline: Any) -> list[torch.nn.Module]:
+    """The modules of `pipeline`'s components that contain others (blocks, attention, feed-forward...): a stop
+    check before each of them ends a request inside a long step, at negligible cost per call."""
+    components = [value for value in vars(pipeline).values() if isinstance(value, torch.nn.Module)]
+    found: dict[int, torch.nn.Module] = {}
+    for component in components:
+        for module in component.modules():
+            if next(module.children(), None) is not None:
+                found.setdefault(id(module), module)
+    return list(found.values())
+
+
+class StepTracker:
+    """Follows the denoising loop through the pipeline's step callback: stop checks, progress and previews."""
+
+    def __init__(
+        self,
+        request: GenerationRequest,
+        inputs: PipelineInputs,
+        family: ModelFamily,
+        cache: CacheBackend,
+        check_stop: StopCheck,
+        on_progress: ProgressCallback | None,
+    ):
+        self.request, self.inputs, self.family, self.cache = request, inputs, family, cache
+        self.check_stop, self.on_progress = check_stop, on_progress
+        self.steps_done = 0
+        self.previous_latents: torch.Tensor | None = None
+        self.final_latents: torch.Tensor | None = None
+
+    def on_step_end(self, pipeline, step_index: int, timestep, callback_kwargs: dict) -> dict:
+        self.steps_done = step_index + 1
+        self.cache.set_step(step_index + 1)
+        self.check_stop()
+        latents = self.final_latents = callback_kwargs["latents"]
+        previews = None
+        if step_index in self.request.preview_steps:
+            previews = self.family.preview(pipeline, step_index, self.previous_latents, latents, self.inputs)
+        self.previous_latents = latents
+        if self.on_progress is not None:
+            request = self.request
+            self.on_progress(ProgressEvent(request.request_id, self.steps_done, request.num_inference_steps, previews))
+        return callback_kwargs
 
 
 class ModelWorker:
@@ -24,12 +77,15 @@ class ModelWorker:
         self._transformer_calls = 0
         self._transformer_seconds = 0.0
         self._transformer_started = 0.0
-        self._mask_pipeline = None
+        self._mask_pipeline: Any = None
+        self._check_stop: StopCheck = _never_stop
         cache.apply(model.pipeline)
         transformer = model.pipeline.transformer
         transformer.register_forward_pre_hook(self._transformer_starts)
         if profile:
             transformer.register_forward_hook(self._transformer_ends)
+        for module in stoppable_modules(model.pipeline):
+            module.register_forward_pre_hook(self._check_inside_step)
 
     def _synchronize(self) -> None:
         if self.model.device.type == "cuda":
@@ -45,29 +101,24 @@ class ModelWorker:
         self._synchronize()
         self._transformer_seconds += time.perf_counter() - self._transformer_started
 
+    def _check_inside_step(self, module, args) -> None:
+        self._check_stop()
+
     def _pipeline_for(self, request: GenerationRequest):
-        if request.prompt.mask is None:
+        if request.mask is None:
             return self.model.pipeline
         if self._mask_pipeline is None:
             self._mask_pipeline = self.model.family.mask_pipeline(self.model.pipeline)
             self._mask_pipeline.set_progress_bar_config(disable=True)
         return self._mask_pipeline
 
-    def run(
-        self,
-        request: GenerationRequest,
-        *,
-        should_stop: Callable[[], bool] = lambda: False,
-        on_progress: ProgressCallback | None = None,
-        queue_seconds: float = 0.0,
-    ) -> RequestOutput:
-        family, pipe = self.model.family, self._pipeline_for(request)
-        prompt = request.prompt
-        inputs = PipelineInputs(
-            prompt=prompt.prompt,
+    def _inputs(self, request: GenerationRequest) -> PipelineInputs:
+        family = self.model.family
+        return PipelineInputs(
+            prompt=request.prompt,
             negative_prompt=request.negative_prompt,
-            images=[family.prepare_image(image) for image in prompt.images],
-            mask=None if prompt.mask is None else family.prepare_mask(prompt.mask),
+            images=[family.prepare_image(image) for image in request.images],
+            mask=None if request.mask is None else family.prepare_mask(request.mask),
             width=request.width,
             height=request.height,
             num_inference_steps=request.num_inference_steps,
@@ -76,39 +127,44 @@ class ModelWorker:
             num_outputs=request.num_outputs,
             # CPU generators: the same seed gives the same image on any device.
             generators=[torch.Generator("cpu").manual_seed(seed) for seed in request.seeds],
-            layers=request.layers,
-            resolution=request.resolution,
+            extra=request.model_knobs,
         )
-        kwargs = family.call_kwargs(pipe, inputs)
-        steps_done = 0
-        previous_latents = final_latents = None
 
-        def on_step_end(pipeline, step_index: int, timestep, callback_kwargs: dict) -> dict:
-            nonlocal steps_done, previous_latents, final_latents
-            steps_done = step_index + 1
-            self.cache.set_step(step_index + 1)
-            if should_stop():
-                raise RequestCancelledError(f"request {request.request_id} was cancelled after {steps_done} steps")
-            latents = final_latents = callback_kwargs["latents"]
-            previews = None
-            if step_index in request.preview_steps:
-                previews = family.preview(pipeline, step_index, previous_latents, latents, inputs)
-            previous_latents = latents
-            if on_progress is not None:
-                on_progress(ProgressEvent(request.request_id, steps_done, request.num_inference_steps, previews))
-            return callback_kwargs
-
+    def run(
+        self,
+        request: GenerationRequest,
+        *,
+        check_stop: StopCheck = _never_stop,
+        on_progress: ProgressCallback | None = None,
+        queue_seconds: float = 0.0,
+    ) -> RequestOutput:
+        """Run `request`; `check_stop` is called after every step and before every block of every model call."""
+        family, pipe = self.model.family, self._pipeline_for(request)
+        inputs = self._inputs(request)
+        tracker = StepTracker(request, inputs, family, self.cache, check_stop, on_progress)
         self.cache.begin_request(request.num_inference_steps, request.params.cache_config)
         self._transformer_calls = 0
         self._transformer_seconds = 0.0
         started = time.perf_counter()
-        with torch.inference_mode():
-            output = pipe(**kwargs, callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"])
-            images = family.output_images(pipe, output, inputs, final_latents)
-        seconds = time.perf_counter() - started
+        self._check_stop = check_stop
+        try:
+            with torch.inference_mode():
+                output = pipe(
+                    **family.call_kwargs(pipe, inputs),
+                    callback_on_step_end=tracker.on_step_end,
+                    callback_on_step_end_tensor_inputs=["latents"],
+                )
+                images = family.output_images(pipe, output, inputs, tracker.final_latents)
+        finally:
+            self._check_stop = _never_stop
+        return self._output(request, images, tracker.steps_done, time.perf_counter() - started, queue_seconds)
+
+    def _output(
+        self, request: GenerationRequest, images: list[Image.Image], steps: int, seconds: float, queue_seconds: float
+    ) -> RequestOutput:
         return RequestOutput(
             request_id=request.request_id,
-            prompt=prompt.prompt,
+            prompt=request.prompt,
             images=images,
             seed=request.seed,
             seeds=request.seeds,
@@ -118,7 +174,7 @@ class ModelWorker:
                 queue_seconds=queue_seconds,
                 seconds=seconds,
                 num_inference_steps=request.num_inference_steps,
-                steps=steps_done,
+                steps=steps,
                 transformer_calls=self._transformer_calls,
                 transformer_seconds=self._transformer_seconds if self.profile else None,
                 cache=self.cache.stats(),

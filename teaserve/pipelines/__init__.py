@@ -1,16 +1,24 @@
 """Model families (keyed by diffusers architecture name), loading, tiny offline builders, the default model."""
 
 from . import bagel, flux, qwen_image  # noqa: F401  (importing a family module registers it)
-from .base import GenerationDefaults, ModelFamily, PipelineInputs
+from .base import GenerationDefaults, ModelFamily, ModelKnobs, PipelineInputs
 from .loading import DTYPE_CHOICES, LoadedModel, load_model, resolve_device, resolve_dtype
-from .registry import editing_architectures, get_family, register_family, supported_architectures
+from .registry import (
+    architectures_with_knob,
+    editing_architectures,
+    get_family,
+    register_family,
+    supported_architectures,
+)
 
 __all__ = [
     "DTYPE_CHOICES",
     "GenerationDefaults",
     "LoadedModel",
     "ModelFamily",
+    "ModelKnobs",
     "PipelineInputs",
+    "architectures_with_knob",
     "editing_architectures",
     "get_family",
     "load_model",

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
 from PIL import Image
+from pydantic import BaseModel, ConfigDict
 
 Task = Literal["text-to-image", "image-edit", "image-layers"]
 
@@ -28,8 +30,6 @@ class GenerationDefaults:
     guidance_scale: float | None = None
     width: int | None = None
     height: int | None = None
-    layers: int | None = None
-    resolution: int | None = None
 
     def updated(self, overrides: dict[str, Any]) -> GenerationDefaults:
         names = {f.name for f in dataclasses.fields(self)}
@@ -54,9 +54,19 @@ class PipelineInputs:
     guidance_scale: float | None
     num_outputs: int
     generators: list[torch.Generator]
-    layers: int | None = None
-    resolution: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    """The model-only knobs of the request, validated by the family's `knobs` model, defaults filled in."""
+
+
+class ModelKnobs(BaseModel):
+    """Base of a family's model-only request parameters (e.g. how many layers to decompose an image into).
+
+    A family declares them as a subclass with Field constraints and defaults; a request passes them next to the
+    sampling parameters (`OmniDiffusionSamplingParams(layers=4)`, `{"layers": 4}` over HTTP) and the family's
+    adapter reads them from `PipelineInputs.extra`.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class ModelFamily:
@@ -69,13 +79,19 @@ class ModelFamily:
     task: ClassVar[Task] = "text-to-image"
     min_input_images: ClassVar[int] = 0
     max_input_images: ClassVar[int] = 0
-    supports_mask: ClassVar[bool] = False
-    """True when `mask_pipeline` gives an inpainting pipeline for masked edits."""
+    mask_pipeline_class: ClassVar[str | None] = None
+    """Name of the diffusers pipeline that runs masked edits (inpainting) on the same components; None: no masks."""
     defaults: ClassVar[GenerationDefaults] = GenerationDefaults()
+    knobs: ClassVar[type[ModelKnobs] | None] = None
+    """The model-only request parameters this family takes, if any."""
 
     @property
     def can_edit(self) -> bool:
         return self.max_input_images > 0
+
+    @property
+    def supports_mask(self) -> bool:
+        return self.mask_pipeline_class is not None
 
     # -- loading -------------------------------------------------------------------------------
     def matches_folder(self, folder: Path) -> bool:
@@ -95,11 +111,69 @@ class ModelFamily:
         return pipe.vae_scale_factor * 2
 
     def check_size(self, pipe, width: int, height: int) -> None:
-        """Raise a ValueError for output sizes this model cannot make (beyond the engine's generic limits)."""
+        """Raise a ValueError for an output size this model cannot make (the engine's limits come on top)."""
+        multiple = self.size_multiple(pipe)
+        if width % multiple or height % multiple:
+            raise ValueError(
+                f"width and height must each be a multiple of {multiple} for this model, got {width}x{height}"
+            )
 
     def default_size(self, pipe) -> tuple[int, int]:
         side = pipe.default_sample_size * pipe.vae_scale_factor
         return side, side
+
+    def fixed_output_size(
+        self, pipe, images: list[Image.Image], knobs: dict[str, Any], masked: bool
+    ) -> tuple[int, int] | None:
+        """For pipelines that size their output themselves: that size (a request cannot choose one); else None."""
+        return None
+
+    def edit_size(self, pipe, image: Image.Image, max_pixels: int) -> tuple[int, int]:
+        """The default output size of an edit: the input's size in multiples of the model's, scaled down to
+        `max_pixels` when larger."""
+        multiple = self.size_multiple(pipe)
+        width, height = image.size
+        rounded = (
+            max(multiple, round(width / multiple) * multiple),
+            max(multiple, round(height / multiple) * multiple),
+        )
+        if rounded[0] * rounded[1] <= max_pixels:
+            return rounded
+        scale = math.sqrt(max_pixels / (width * height))
+        return (
+            max(multiple, math.floor(width * scale / multiple) * multiple),
+            max(multiple, math.floor(height * scale / multiple) * multiple),
+        )
+
+    def output_size(
+        self,
+        pipe,
+        requested: tuple[int, int] | None,
+        images: list[Image.Image],
+        *,
+        masked: bool,
+        knobs: dict[str, Any],
+        default: tuple[int, int],
+        max_pixels: int,
+    ) -> tuple[int, int]:
+        """The size a request's images come out at: the pipeline's own when it decides, else the requested one,
+        else (edits) the input's, else `default`. Raises a ValueError for a size the model cannot make."""
+        fixed = self.fixed_output_size(pipe, images, knobs, masked) if images else None
+        if fixed is not None:
+            if requested is not None:
+                when = " for masked edits" if masked else ""
+                raise ValueError(f"{self.architecture} sizes its output from the input image{when}; omit size")
+            return fixed
+        if requested is not None:
+            self.check_size(pipe, *requested)
+            return requested
+        if images and self.task == "image-edit":
+            return self.edit_size(pipe, images[0], max_pixels)
+        return default
+
+    def images_per_output(self, knobs: dict[str, Any]) -> int:
+        """Images a pipeline call makes per requested output (the engine bounds their pixels per request)."""
+        return 1
 
     # -- running -------------------------------------------------------------------------------
     def prepare_image(self, image: Image.Image) -> Image.Image:
@@ -116,13 +190,9 @@ class ModelFamily:
         """Convert a decoded mask to what the inpainting pipeline expects."""
         return mask
 
-    def fixed_output_size(
-        self, pipe, images: list[Image.Image], resolution: int | None, masked: bool
-    ) -> tuple[int, int] | None:
-        """For pipelines that size their output themselves: that size (a request cannot choose one); else None."""
-        return None
-
-    def output_images(self, pipe, output, inputs: PipelineInputs, final_latents: torch.Tensor) -> list[Image.Image]:
+    def output_images(
+        self, pipe, output, inputs: PipelineInputs, final_latents: torch.Tensor | None
+    ) -> list[Image.Image]:
         """The images of a pipeline call's output, flat, in order (`final_latents`: the last step's latents)."""
         return list(output.images)
 
@@ -130,8 +200,12 @@ class ModelFamily:
         raise NotImplementedError
 
     def mask_pipeline(self, pipe):
-        """The pipeline that runs masked edits (inpainting) for this model, or None when it has none."""
-        return None
+        """The pipeline that runs masked edits (inpainting) on `pipe`'s components (`mask_pipeline_class`)."""
+        if self.mask_pipeline_class is None:
+            raise ValueError(f"{self.architecture} has no pipeline for masked edits")
+        import diffusers
+
+        return getattr(diffusers, self.mask_pipeline_class).from_pipe(pipe)
 
     def decode_preview(self, pipe, latents: torch.Tensor, inputs: PipelineInputs) -> list[Image.Image]:
         """Decode packed latents of an intermediate step into preview images."""

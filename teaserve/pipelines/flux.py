@@ -22,7 +22,7 @@ class Flux(ModelFamily):
             "prompt": inputs.prompt,
             "negative_prompt": inputs.negative_prompt if do_cfg else None,
             "true_cfg_scale": inputs.true_cfg_scale,
-            "guidance_scale": 3.5 if inputs.guidance_scale is None else inputs.guidance_scale,
+            "guidance_scale": inputs.guidance_scale,
             "width": inputs.width,
             "height": inputs.height,
             "num_inference_steps": inputs.num_inference_steps,

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
 from PIL import Image
+from pydantic import Field
 
-from .base import GenerationDefaults, ModelFamily, PipelineInputs
+from .base import GenerationDefaults, ModelFamily, ModelKnobs, PipelineInputs, Task
 from .qwen_processor import load_processor_without_torchvision
 from .registry import register_family
 
@@ -63,10 +64,10 @@ class QwenImageEdit(QwenImage):
 
     architecture = "QwenImageEditPipeline"
     pipeline_class = "QwenImageEditPipeline"
-    task = "image-edit"
+    task: ClassVar[Task] = "image-edit"
     min_input_images = 1
     max_input_images = 1
-    supports_mask = True
+    mask_pipeline_class: ClassVar[str | None] = "QwenImageEditInpaintPipeline"
 
     def load(self, source, device, dtype):
         import diffusers
@@ -88,12 +89,7 @@ class QwenImageEdit(QwenImage):
             kwargs.update(mask_image=inputs.mask, strength=1.0)
         return kwargs
 
-    def mask_pipeline(self, pipe):
-        from diffusers import QwenImageEditInpaintPipeline
-
-        return QwenImageEditInpaintPipeline.from_pipe(pipe)
-
-    def fixed_output_size(self, pipe, images, resolution, masked):
+    def fixed_output_size(self, pipe, images, knobs, masked):
         if not masked:
             return None
         # The inpainting pipeline always works at about one megapixel with the input's aspect ratio.
@@ -118,11 +114,20 @@ class QwenImageEditPlus(QwenImageEdit):
     architecture = "QwenImageEditPlusPipeline"
     pipeline_class = "QwenImageEditPlusPipeline"
     max_input_images = 3
-    supports_mask = False
+    mask_pipeline_class = None
     defaults = GenerationDefaults(num_inference_steps=40, true_cfg_scale=4.0, negative_prompt=" ")
 
     def edit_image(self, inputs: PipelineInputs):
         return list(inputs.images)
+
+
+class LayeredKnobs(ModelKnobs):
+    """Qwen-Image-Layered's own request parameters."""
+
+    layers: int = Field(default=4, ge=2, le=10, description="RGBA layers to decompose the input image into")
+    resolution: Literal[640, 1024] = Field(
+        default=640, description="working resolution: the output has about resolution x resolution pixels"
+    )
 
 
 class QwenImageLayered(QwenImageEdit):
@@ -131,29 +136,32 @@ class QwenImageLayered(QwenImageEdit):
     architecture = "QwenImageLayeredPipeline"
     pipeline_class = "QwenImageLayeredPipeline"
     task = "image-layers"
-    supports_mask = False
-    defaults = GenerationDefaults(
-        num_inference_steps=50, true_cfg_scale=4.0, negative_prompt=" ", layers=4, resolution=640
-    )
+    mask_pipeline_class = None
+    defaults = GenerationDefaults(num_inference_steps=50, true_cfg_scale=4.0, negative_prompt=" ")
+    knobs = LayeredKnobs
 
     def prepare_image(self, image: Image.Image) -> Image.Image:
         return image.convert("RGBA")
 
-    def fixed_output_size(self, pipe, images, resolution, masked):
+    def fixed_output_size(self, pipe, images, knobs, masked):
         """The pipeline sizes its output from `resolution` and the input's aspect ratio."""
         from diffusers.pipelines.qwenimage.pipeline_qwenimage_layered import calculate_dimensions
 
         image_width, image_height = images[0].size
+        resolution = knobs["resolution"]
         width, height = calculate_dimensions(resolution * resolution, image_width / image_height)
         multiple = self.size_multiple(pipe)
         return width // multiple * multiple, height // multiple * multiple
+
+    def images_per_output(self, knobs):
+        return knobs["layers"] + 1  # the recomposed image, then each layer
 
     def call_kwargs(self, pipe, inputs):
         kwargs = self.common_kwargs(pipe, inputs)
         kwargs.update(
             image=inputs.images[0],
-            layers=inputs.layers,
-            resolution=inputs.resolution,
+            layers=inputs.extra["layers"],
+            resolution=inputs.extra["resolution"],
             cfg_normalize=True,
             use_en_prompt=True,
         )
@@ -162,16 +170,18 @@ class QwenImageLayered(QwenImageEdit):
     def output_images(self, pipe, output, inputs, final_latents):
         # The pipeline returns the layers only (its per-output lists are mis-sliced when there are several):
         # flatten them and put each output's recomposed image, decoded from frame 0, in front of its layers.
+        count = inputs.extra["layers"]
         layers = [image for group in output.images for image in group]
-        composites = self.decode_frames(pipe, final_latents, inputs)[:: inputs.layers + 1]
+        composites = self.decode_frames(pipe, final_latents, inputs)[:: count + 1]
         images = []
         for index, composite in enumerate(composites):
-            images += [composite, *layers[index * inputs.layers : (index + 1) * inputs.layers]]
+            images += [composite, *layers[index * count : (index + 1) * count]]
         return images
 
     def decode_frames(self, pipe, latents, inputs: PipelineInputs) -> list[Image.Image]:
         """Every frame of every output: the recomposed image first, then its layers, output after output."""
-        frames = pipe._unpack_latents(latents, inputs.height, inputs.width, inputs.layers, pipe.vae_scale_factor)
+        count = inputs.extra["layers"]
+        frames = pipe._unpack_latents(latents, inputs.height, inputs.width, count, pipe.vae_scale_factor)
         frames = frames.to(pipe.vae.dtype)
         frames = _denormalize(pipe.vae, frames)
         batch, channels, count, latent_height, latent_width = frames.shape
@@ -180,10 +190,7 @@ class QwenImageLayered(QwenImageEdit):
         return pipe.image_processor.postprocess(decoded, output_type="pil")
 
     def decode_preview(self, pipe, latents, inputs):
-        return self.decode_frames(pipe, latents, inputs)[:: inputs.layers + 1]  # each output's recomposed image
-
-    def mask_pipeline(self, pipe):
-        return None
+        return self.decode_frames(pipe, latents, inputs)[:: inputs.extra["layers"] + 1]  # each recomposed image
 
 
 register_family(QwenImage())

@@ -30,3 +30,12 @@ def get_family(architecture: str) -> ModelFamily:
             f"unsupported model architecture {architecture!r}; supported architectures: "
             + ", ".join(supported_architectures())
         ) from None
+
+
+def architectures_with_knob(name: str) -> list[str]:
+    """The architectures whose families take the model-only request parameter `name`."""
+    return sorted(
+        architecture
+        for architecture, family in _FAMILIES.items()
+        if family.knobs is not None and name in family.knobs.model_fields
+    )

@@ -45,7 +45,7 @@ class Bagel(ModelFamily):
         side = pipe.config.max_image_side
         return side, side
 
-    def fixed_output_size(self, pipe, images, resolution, masked):
+    def fixed_output_size(self, pipe, images, knobs, masked):
         return pipe.edit_size(images[0])
 
     def call_kwargs(self, pipe, inputs: PipelineInputs) -> dict[str, Any]:

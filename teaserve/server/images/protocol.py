@@ -6,19 +6,21 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ...engine.params import MAX_OUTPUTS, MAX_PROMPT_CHARS, MAX_SEED, MAX_STEPS
+from ...engine.params import MAX_PROMPT_CHARS, OutputCount, SamplingFields
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 
 
-class ImageRequestFields(BaseModel):
-    """Fields shared by generations and edits. Unknown fields are refused with a 400 that names them."""
+class ImageRequestFields(SamplingFields):
+    """Fields shared by generations and edits: OpenAI's, then teaserve's sampling fields (`SamplingFields`, the
+    schema of the Python API). Any other field is a model-only parameter that the served model's family checks
+    (e.g. `layers` of a layered model); one it does not take is refused with a 400 that names it."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow", frozen=False)
 
     prompt: str = Field(max_length=MAX_PROMPT_CHARS)
     model: str | None = None
-    n: int = Field(default=1, ge=1, le=MAX_OUTPUTS)
+    n: OutputCount = 1
     size: str | None = Field(default=None, description='"WIDTHxHEIGHT" or "auto"')
     response_format: Literal["b64_json", "url"] | None = None
     output_format: OutputFormat = "png"
@@ -29,17 +31,11 @@ class ImageRequestFields(BaseModel):
     safety_identifier: str | None = None
     stream: bool = False
     partial_images: int = Field(default=0, ge=0, le=3)
-    # teaserve extensions
-    negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
-    num_inference_steps: int | None = Field(default=None, ge=1, le=MAX_STEPS)
-    guidance_scale: float | None = Field(default=None, ge=0, le=100)
-    true_cfg_scale: float | None = Field(default=None, ge=0, le=100)
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
-    cache_config: dict[str, Any] | None = Field(
-        default=None, description='per-request cache overrides, e.g. {"rel_l1_thresh": 0.4} or {"enabled": false}'
-    )
-    layers: int | None = Field(default=None, ge=2, le=10, description="Qwen-Image-Layered: number of layers")
-    resolution: int | None = Field(default=None, description="Qwen-Image-Layered: 640 or 1024")
+
+    @property
+    def model_knobs(self) -> dict[str, Any]:
+        """The fields that are neither OpenAI's nor teaserve's sampling fields."""
+        return dict(self.model_extra or {})
 
 
 class ImageGenerationRequest(ImageRequestFields):

@@ -9,13 +9,14 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from PIL import Image
 from pydantic import ValidationError
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException
 
 from ...engine import (
@@ -23,15 +24,15 @@ from ...engine import (
     EngineStoppedError,
     GenerationError,
     GenerationRequest,
-    InvalidImageError,
+    InvalidParameterError,
     OmniDiffusionSamplingParams,
     ProgressEvent,
     PromptInput,
     QueueFullError,
     RequestOutput,
-    open_image,
+    SamplingFields,
 )
-from ...engine.params import parse_size
+from ...engine.params import parse_size, values_from_strings
 from ..errors import OpenAIError, _validation_message
 from ..metrics import ServerMetrics
 from .protocol import ImageData, ImageEditRequest, ImageGenerationRequest, ImageRequestFields, ImagesResponse
@@ -80,18 +81,60 @@ def encode_image(image: Image.Image, output_format: str, compression: int | None
     return buffer.getvalue()
 
 
-def _param_of(message: str) -> str | None:
-    first = message.split(" ", 1)[0]
-    if first in ("width", "height", "size"):
-        return "size"
-    return first if first.isidentifier() and first in ImageRequestFields.model_fields else None
+def encode_b64(image: Image.Image, output_format: str, compression: int | None) -> str:
+    return base64.b64encode(encode_image(image, output_format, compression)).decode()
 
 
-def _bad_request(error: ValueError) -> OpenAIError:
-    param = getattr(error, "param", None) or _param_of(str(error))
-    if param is None and "cache" in str(error):
-        param = "cache_config"
-    return OpenAIError(400, str(error), param=param)
+def _bad_request(error: InvalidParameterError) -> OpenAIError:
+    return OpenAIError(400, str(error), param=error.param)
+
+
+@dataclass
+class EditForm:
+    """A multipart edit request sorted into its parts; nothing in it is read or decoded yet."""
+
+    images: list[UploadFile] = field(default_factory=list)
+    masks: list[UploadFile] = field(default_factory=list)
+    fields: dict[str, str] = field(default_factory=dict)
+    cache_config: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, form: FormData) -> EditForm:
+        """Files under image / image[] / mask; cache_config as JSON or the SDK's cache_config[name] parts; every
+        other field as text, each at most once."""
+        parts = cls()
+        for key, value in form.multi_items():
+            files = {"image": parts.images, "image[]": parts.images, "mask": parts.masks}.get(key)
+            if files is not None:
+                if not isinstance(value, UploadFile):
+                    raise OpenAIError(400, f"{key} must be a file upload", param="mask" if key == "mask" else "image")
+                files.append(value)
+            elif key == "cache_config" or key.startswith("cache_config["):
+                parts.cache_config.update(_form_cache_config(key, value))
+            elif isinstance(value, UploadFile):
+                raise OpenAIError(
+                    400, f"unexpected file in field {key!r}; files go in image, image[] or mask", param=key
+                )
+            elif key in parts.fields:
+                raise OpenAIError(400, f"parameter {key!r} was given more than once", param=key)
+            else:
+                parts.fields[key] = value
+        if not parts.images:
+            raise OpenAIError(400, "an edit needs at least one input image (field image or image[])", param="image")
+        if len(parts.masks) > 1:
+            raise OpenAIError(400, "give at most one mask", param="mask")
+        return parts
+
+    def body(self) -> ImageEditRequest:
+        """The text fields, validated like a JSON body (numbers and booleans parsed from their text)."""
+        try:
+            body = ImageEditRequest.model_validate(values_from_strings(ImageEditRequest, self.fields))
+        except ValidationError as error:
+            message, param = _validation_message(dict(error.errors()[0]))
+            raise OpenAIError(400, message, param=param) from None
+        if self.cache_config:
+            body.cache_config = self.cache_config
+        return body
 
 
 class ImageServing:
@@ -105,59 +148,45 @@ class ImageServing:
 
     # -- entry points --------------------------------------------------------------------------------------
     async def generate(self, body: ImageGenerationRequest, request: Request) -> Response:
-        return await self._serve("image_generation", PromptInput(body.prompt), body, request)
+        try:
+            params = self._params(body)
+        except InvalidParameterError as error:
+            raise _bad_request(error) from None
+        return await self._serve("image_generation", PromptInput(body.prompt), body, params, request)
 
     async def edit(self, request: Request) -> Response:
-        """Parse the multipart form (files under image / image[] / mask, every other field as text), then serve."""
+        """Admission before work: the text fields and the number of image and mask parts are checked against the
+        model before any upload is read; the images' headers against the pixel limits before any pixel is
+        decoded; decoding runs in a worker thread."""
+        form = await self._read_form(request)
         try:
-            form = await request.form(
+            parts = EditForm.parse(form)
+            body = parts.body()
+            try:
+                params = self._params(body)
+                self.engine.check_inputs(len(parts.images), bool(parts.masks))
+                images, mask = await asyncio.to_thread(
+                    self.engine.open_inputs,
+                    [upload.file for upload in parts.images],
+                    parts.masks[0].file if parts.masks else None,
+                )
+            except InvalidParameterError as error:
+                raise _bad_request(error) from None
+        finally:
+            await form.close()
+        prompt = PromptInput(body.prompt, images=list(images), mask=mask)
+        return await self._serve("image_edit", prompt, body, params, request)
+
+    @staticmethod
+    async def _read_form(request: Request) -> FormData:
+        try:
+            return await request.form(
                 max_files=MAX_INPUT_IMAGES + 1, max_fields=100, max_part_size=MAX_FORM_FIELD_BYTES
             )
         except MultiPartException as error:
             raise OpenAIError(400, f"invalid multipart form: {error.message}") from None
         except AssertionError as error:  # starlette's answer to a non-multipart content type
             raise OpenAIError(400, f"send the edit as multipart/form-data: {error}") from None
-        uploads: dict[str, list[bytes]] = {"image": [], "mask": []}
-        fields: dict[str, str] = {}
-        cache_config: dict[str, Any] = {}
-        for key, value in form.multi_items():
-            name = "image" if key in ("image", "image[]") else key
-            if name in uploads:
-                if not isinstance(value, UploadFile):
-                    raise OpenAIError(400, f"{key} must be a file upload", param=name)
-                uploads[name].append(await value.read())
-            elif key == "cache_config" or key.startswith("cache_config["):
-                cache_config.update(_form_cache_config(key, value))
-            elif isinstance(value, UploadFile):
-                raise OpenAIError(
-                    400, f"unexpected file in field {key!r}; files go in image, image[] or mask", param=key
-                )
-            elif key in fields:
-                raise OpenAIError(400, f"parameter {key!r} was given more than once", param=key)
-            else:
-                fields[key] = value
-        await form.close()
-        if not uploads["image"]:
-            raise OpenAIError(400, "an edit needs at least one input image (field image or image[])", param="image")
-        if len(uploads["image"]) > MAX_INPUT_IMAGES:
-            raise OpenAIError(400, f"at most {MAX_INPUT_IMAGES} input images are accepted", param="image")
-        if len(uploads["mask"]) > 1:
-            raise OpenAIError(400, "give at most one mask", param="mask")
-        try:
-            body = ImageEditRequest.model_validate_strings(fields)
-        except ValidationError as error:
-            message, param = _validation_message(error.errors()[0])
-            raise OpenAIError(400, message, param=param) from None
-        if cache_config:
-            body.cache_config = cache_config
-        try:
-            images = await asyncio.to_thread(lambda: [open_image(data, param="image") for data in uploads["image"]])
-            mask = None
-            if uploads["mask"]:
-                mask = await asyncio.to_thread(open_image, uploads["mask"][0], param="mask")
-        except InvalidImageError as error:
-            raise OpenAIError(400, str(error), param=error.param) from None
-        return await self._serve("image_edit", PromptInput(body.prompt, images=images, mask=mask), body, request)
 
     # -- shared path -------------------------------------------------------------------------------------------
     def _params(self, body: ImageRequestFields) -> OmniDiffusionSamplingParams:
@@ -176,36 +205,35 @@ class ImageServing:
             )
         if body.background == "transparent" and body.output_format == "jpeg":
             raise OpenAIError(400, "a transparent background needs output_format png or webp", param="background")
-        try:
-            width, height = (None, None) if body.size in (None, "auto") else parse_size(body.size)
-            return OmniDiffusionSamplingParams(
-                num_inference_steps=body.num_inference_steps,
-                width=width,
-                height=height,
-                seed=body.seed,
-                negative_prompt=body.negative_prompt,
-                true_cfg_scale=body.true_cfg_scale,
-                guidance_scale=body.guidance_scale,
-                num_outputs_per_prompt=body.n,
-                layers=body.layers,
-                resolution=body.resolution,
-                cache_config=body.cache_config,
-            )
-        except ValueError as error:
-            raise _bad_request(error) from None
+        width, height = (None, None) if body.size in (None, "auto") else parse_size(body.size)
+        return OmniDiffusionSamplingParams(
+            **{name: getattr(body, name) for name in SamplingFields.model_fields},
+            num_outputs_per_prompt=body.n,
+            width=width,
+            height=height,
+            model_knobs=body.model_knobs,
+        )
 
-    def _prepare(self, prompt: PromptInput, body: ImageRequestFields, request: Request) -> GenerationRequest:
-        params = self._params(body)
+    def _prepare(
+        self, prompt: PromptInput, body: ImageRequestFields, params: OmniDiffusionSamplingParams, request: Request
+    ) -> GenerationRequest:
         try:
             prepared = self.engine.prepare(prompt, params, num_previews=body.partial_images if body.stream else 0)
-        except ValueError as error:
+        except InvalidParameterError as error:
             raise _bad_request(error) from None
         if not request.state.client_request_id:  # the X-Request-Id we created is a fresh uuid: use it throughout
             prepared.request_id = request.state.request_id
         return prepared
 
-    async def _serve(self, kind: str, prompt: PromptInput, body: ImageRequestFields, request: Request) -> Response:
-        prepared = self._prepare(prompt, body, request)
+    async def _serve(
+        self,
+        kind: str,
+        prompt: PromptInput,
+        body: ImageRequestFields,
+        params: OmniDiffusionSamplingParams,
+        request: Request,
+    ) -> Response:
+        prepared = self._prepare(prompt, body, params, request)
         if body.stream:
             return StreamingResponse(
                 self._events(kind, prepared, body),
@@ -251,14 +279,14 @@ class ImageServing:
         per_seed = max(1, len(output.images) // len(seeds))  # layered models return several images per seed
         return [
             (
-                base64.b64encode(encode_image(image, body.output_format, body.output_compression)).decode(),
+                encode_b64(image, body.output_format, body.output_compression),
                 seeds[min(index // per_seed, len(seeds) - 1)],
             )
             for index, image in enumerate(output.images)
         ]
 
     @staticmethod
-    def _background(images: list[Image.Image]) -> str:
+    def _background(images: list[Image.Image]) -> Literal["transparent", "opaque"]:
         return "transparent" if any(image.mode in ("RGBA", "LA") for image in images) else "opaque"
 
     async def _events(self, kind: str, prepared: GenerationRequest, body: ImageRequestFields) -> AsyncIterator[str]:
@@ -269,11 +297,7 @@ class ImageServing:
             async for item in self.engine.stream(prepared):
                 if isinstance(item, ProgressEvent):
                     for preview in item.previews or []:
-                        b64 = await asyncio.to_thread(
-                            lambda image=preview: base64.b64encode(
-                                encode_image(image, body.output_format, body.output_compression)
-                            ).decode()
-                        )
+                        b64 = await asyncio.to_thread(encode_b64, preview, body.output_format, body.output_compression)
                         yield _sse(
                             f"{kind}.partial_image",
                             {
