@@ -25,7 +25,9 @@ def test_generate_on_the_default_model_writes_a_png(tmp_path):
 def test_generate_with_bad_input_prints_one_clear_line(tmp_path):
     result = run_cli("generate", "a cat", "--size", "30x30", "-o", str(tmp_path / "x.png"))
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("teaserve generate: error: width must be")
+    assert result.stderr.strip().splitlines()[-1] == (
+        "teaserve generate: error: width and height must each be a multiple of 8 for this model, got 30x30"
+    )
 
 
 def test_calibrate_with_too_few_prompts_says_how_many_it_needs(tiny_qwen):

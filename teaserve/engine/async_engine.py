@@ -202,7 +202,7 @@ class AsyncEngine:
         if family.knobs is None:
             return {}
         try:
-            return family.knobs.model_validate(values).model_dump()
+            return family.knobs.model_validate({**self.model.knob_defaults, **values}).model_dump()
         except ValidationError as error:
             raise parameter_error(error, family.knobs) from None
 

@@ -7,7 +7,7 @@ import warnings
 from pathlib import Path
 from typing import BinaryIO
 
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .args import EngineArgs
 from .errors import InvalidImageError
@@ -49,7 +49,10 @@ def open_header(data: ImageSource, param: str = "image") -> Image.Image:
 
 
 def decode_image(image: Image.Image, param: str = "image") -> Image.Image:
-    """Decode the pixels of an image opened by `open_header`, upright (EXIF orientation applied)."""
+    """Decode the pixels of an image opened by `open_header`, upright (EXIF orientation applied); an image whose
+    pixels are already decoded is returned as it is."""
+    if not (isinstance(image, ImageFile.ImageFile) and image.tile):
+        return image
     try:
         image.load()
         if image.getexif().get(ExifTags.Base.Orientation, 1) == 1:
@@ -57,12 +60,6 @@ def decode_image(image: Image.Image, param: str = "image") -> Image.Image:
         return ImageOps.exif_transpose(image)
     except (OSError, ValueError, SyntaxError) as error:  # truncated or corrupt data
         raise InvalidImageError(f"the image could not be decoded: {error}", param) from None
-
-
-def upright_size(image: Image.Image) -> tuple[int, int]:
-    """The size an image has once decoded upright: EXIF orientations 5 to 8 turn it by a quarter."""
-    width, height = image.size
-    return (height, width) if image.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8) else (width, height)
 
 
 def open_inputs(
@@ -78,12 +75,12 @@ def open_inputs(
     if mask_header is not None:
         sizes.append(("mask", mask_header.size))
     check_input_limits(args, sizes)
-    if mask_header is not None and headers and upright_size(mask_header) != upright_size(headers[0]):
-        mask_size, image_size = upright_size(mask_header), upright_size(headers[0])
+    decoded = [decode_image(header, "image") for header in headers]
+    decoded_mask = None if mask_header is None else decode_image(mask_header, "mask")
+    if decoded_mask is not None and decoded and decoded_mask.size != decoded[0].size:
         raise InvalidImageError(
-            f"the mask ({mask_size[0]}x{mask_size[1]}) must have the size of the first image "
-            f"({image_size[0]}x{image_size[1]})",
+            f"the mask ({decoded_mask.width}x{decoded_mask.height}) must have the size of the first image "
+            f"({decoded[0].width}x{decoded[0].height})",
             "mask",
         )
-    decoded = [decode_image(header, "image") for header in headers]
-    return decoded, None if mask_header is None else decode_image(mask_header, "mask")
+    return decoded, decoded_mask

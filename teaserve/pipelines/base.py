@@ -32,10 +32,6 @@ class GenerationDefaults:
     height: int | None = None
 
     def updated(self, overrides: dict[str, Any]) -> GenerationDefaults:
-        names = {f.name for f in dataclasses.fields(self)}
-        unknown = set(overrides) - names
-        if unknown:
-            raise ValueError(f"unknown default(s) {sorted(unknown)}; valid keys: {sorted(names)}")
         return dataclasses.replace(self, **overrides)
 
 
@@ -94,6 +90,19 @@ class ModelFamily:
         return self.mask_pipeline_class is not None
 
     # -- loading -------------------------------------------------------------------------------
+    def profile_defaults(self, overrides: dict[str, Any]) -> tuple[GenerationDefaults, dict[str, Any]]:
+        """A model folder's "defaults" (teaserve.json) split into sampling defaults and model-knob defaults."""
+        knob_names = [] if self.knobs is None else list(self.knobs.model_fields)
+        names = [f.name for f in dataclasses.fields(GenerationDefaults)]
+        unknown = set(overrides) - set(names) - set(knob_names)
+        if unknown:
+            raise ValueError(f"unknown default(s) {sorted(unknown)}; valid keys: {sorted(names + knob_names)}")
+        knobs = {name: value for name, value in overrides.items() if name in knob_names}
+        if self.knobs is not None:
+            self.knobs.model_validate(knobs)
+        sampling = {name: value for name, value in overrides.items() if name not in knob_names}
+        return self.defaults.updated(sampling), knobs
+
     def matches_folder(self, folder: Path) -> bool:
         """For checkpoints published without a model_index.json: True when `folder` is one of this family's."""
         return False

@@ -35,6 +35,8 @@ class LoadedModel:
     dtype: torch.dtype
     defaults: GenerationDefaults
     cache_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
+    knob_defaults: dict[str, Any] = field(default_factory=dict)
+    """The model folder's own defaults of the family's model-only parameters (over the family's)."""
 
     @property
     def size_multiple(self) -> int:
@@ -104,7 +106,8 @@ def _local_folder(model: str) -> Path:
 
 
 def write_profile(folder: str | Path, **profile) -> None:
-    """Write a model folder's teaserve.json: served_model_name, defaults (GenerationDefaults fields), cache."""
+    """Write a model folder's teaserve.json: served_model_name, defaults (GenerationDefaults fields and the
+    family's model-only parameters), cache."""
     (Path(folder) / MODEL_PROFILE_FILE).write_text(json.dumps(profile, indent=2) + "\n")
 
 
@@ -136,6 +139,7 @@ def load_model(
     resolved_device = resolve_device(device)
     resolved_dtype = resolve_dtype(dtype, resolved_device)
     profile = _read_profile(folder)
+    defaults, knob_defaults = family.profile_defaults(profile.get("defaults", {}))
     logger.info("loading %s (%s) on %s as %s", folder, family.architecture, resolved_device, resolved_dtype)
     pipeline = family.load(folder, resolved_device, resolved_dtype)
     pipeline.set_progress_bar_config(disable=True)
@@ -147,6 +151,7 @@ def load_model(
         pipeline=pipeline,
         device=resolved_device,
         dtype=resolved_dtype,
-        defaults=family.defaults.updated(profile.get("defaults", {})),
+        defaults=defaults,
         cache_defaults=profile.get("cache", {}),
+        knob_defaults=knob_defaults,
     )
