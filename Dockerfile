@@ -6,8 +6,7 @@ FROM python:3.11-slim
 
 ENV PIP_NO_CACHE_DIR=1 \
     PYTHONUNBUFFERED=1 \
-    HF_HOME=/data/huggingface \
-    TEASERVE_CACHE=/data/teaserve
+    HF_HOME=/data/huggingface
 
 RUN pip install torch==2.13.0
 
@@ -20,7 +19,7 @@ RUN pip install . \
     && chown teaserve /data
 
 USER teaserve
-# Model weights (the Hugging Face cache) and teaserve's own cache live here: mount a volume to keep them.
+# Model weights (the Hugging Face cache) live here: mount a volume to keep them.
 VOLUME /data
 EXPOSE 8091
 # Loading a large model takes minutes: the start period covers it.

@@ -10,9 +10,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _isolated_cache(tmp_path_factory):
-    """The embedded default model is built into a cache folder: keep it inside the test run."""
-    os.environ["TEASERVE_CACHE"] = str(tmp_path_factory.mktemp("teaserve-cache"))
+def _quiet_libraries():
     from teaserve.cli.main import quiet_libraries
 
     quiet_libraries()
