@@ -23,7 +23,7 @@ SAMPLING_FLAGS_APART = ("width", "height", "cache_config", "model_knobs")
 def _model_param(text: str) -> tuple[str, str]:
     name, separator, value = text.partition("=")
     if not separator or not name.isidentifier():
-        raise argparse.ArgumentTypeError(f"a model parameter looks like NAME=VALUE (e.g. layers=4), got {text!r}")
+        raise argparse.ArgumentTypeError(f"a model parameter looks like NAME=VALUE, got {text!r}")
     return name, value
 
 
@@ -32,7 +32,9 @@ def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sampling (default: the model's)")
     for name, spec in OmniDiffusionSamplingParams.model_fields.items():
         if name not in SAMPLING_FLAGS_APART:
-            group.add_argument(*SAMPLING_FLAGS.get(name, (flag_of(name),)), dest=name, help=spec.description)
+            flags = SAMPLING_FLAGS.get(name, (flag_of(name),))
+            metavar = flags[-1].lstrip("-").replace("-", "_").upper()
+            group.add_argument(*flags, dest=name, metavar=metavar, help=spec.description)
     group.add_argument("--size", default=None, help="WIDTHxHEIGHT")
     group.add_argument(
         "--request-cache-config",
@@ -47,7 +49,7 @@ def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="a parameter of the model's own (e.g. layers=4 for a layered model; VALUE is JSON or text); repeatable",
+        help="a parameter the model's family declares as its own (VALUE: JSON or text); repeatable",
     )
 
 

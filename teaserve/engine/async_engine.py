@@ -55,7 +55,7 @@ class RequestHandle:
         return self.request.request_id
 
     def cancel(self) -> None:
-        """Cancel: a queued request never runs, a running one stops at its next step."""
+        """Cancel: a queued request never runs, a running one stops at the next model block it enters."""
         self._cancel_requested.set()
         self.future.cancel()
 
