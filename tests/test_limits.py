@@ -252,6 +252,15 @@ def test_bad_text_fields_are_refused_before_decoding(edit_server):
     assert response.status_code == 400 and response.json()["error"]["param"] == "n"
 
 
+@pytest.mark.parametrize("field", ["cache_config", "seed", "layers"])
+def test_deeply_nested_json_in_a_form_field_is_a_400(edit_server, field):
+    response = post_edit(
+        edit_server, [("image", ("a.png", garbage_png(32, 32), "image/png"))], **{field: "[" * 100_000}
+    )
+    assert response.status_code == 400 and response.json()["error"]["param"] == field
+    assert len(response.json()["error"]["message"]) < 500
+
+
 def test_uploads_are_decoded_off_the_event_loop(edit_server, monkeypatch):
     threads = []
     original = ImageFile.ImageFile.load

@@ -32,8 +32,8 @@ from .errors import (
     RequestTimeoutError,
 )
 from .images import ImageSource, open_inputs
-from .limits import check_output_limits
-from .params import MAX_SEED, OmniDiffusionSamplingParams, parameter_error
+from .limits import check_seed, check_size_limits, check_work_limits
+from .params import OmniDiffusionSamplingParams, parameter_error
 from .request import GenerationRequest, ProgressEvent, PromptInput, RequestOutput
 from .worker import ModelWorker
 
@@ -153,20 +153,12 @@ class AsyncEngine:
         prompt = PromptInput.from_user(prompt)
         params = params or OmniDiffusionSamplingParams()
         defaults = self.model.defaults
+        knobs = self.check_params(params)
         images, mask = self.open_inputs(prompt.images, prompt.mask)
-        knobs = self.model_knobs(params.model_knobs)
         width, height = self.output_size(params, images, mask is not None, knobs)
-        steps = params.num_inference_steps or defaults.num_inference_steps
-        outputs = params.num_outputs_per_prompt
-        check_output_limits(
-            self.args,
-            steps=steps,
-            outputs=outputs,
-            width=width,
-            height=height,
-            images_per_output=self.model.family.images_per_output(knobs),
-        )
-        self.check_cache_config(params.cache_config)
+        steps, outputs = self.steps(params), params.num_outputs_per_prompt
+        images_per_output = self.model.family.images_per_output(knobs)
+        check_size_limits(self.args, width=width, height=height, outputs=outputs, images_per_output=images_per_output)
         return GenerationRequest(
             prompt=prompt.prompt,
             params=params,
@@ -179,13 +171,26 @@ class AsyncEngine:
                 defaults.negative_prompt,
             ),
             guidance_scale=defaults.guidance_scale if params.guidance_scale is None else params.guidance_scale,
-            seed=self.seed(params.seed, outputs),
+            seed=random.SystemRandom().randrange(2**32) if params.seed is None else params.seed,
             num_outputs=outputs,
             images=images,
             mask=mask,
             model_knobs=knobs,
             preview_steps=preview_steps(steps, num_previews),
         )
+
+    def check_params(self, params: OmniDiffusionSamplingParams) -> dict[str, Any]:
+        """Check what needs no input image: the model's own parameters (returned, defaults filled in), the step
+        and output limits, the seed and the cache overrides. `prepare` does it first; a server can do it before it
+        decodes any upload."""
+        knobs = self.model_knobs(params.model_knobs)
+        check_work_limits(self.args, steps=self.steps(params), outputs=params.num_outputs_per_prompt)
+        check_seed(params.seed, params.num_outputs_per_prompt)
+        self.check_cache_config(params.cache_config)
+        return knobs
+
+    def steps(self, params: OmniDiffusionSamplingParams) -> int:
+        return params.num_inference_steps or self.model.defaults.num_inference_steps
 
     def model_knobs(self, values: dict[str, Any]) -> dict[str, Any]:
         """The model-only parameters of a request, validated by the model's family, its defaults filled in."""
@@ -223,19 +228,6 @@ class AsyncEngine:
             )
         except ValueError as error:
             raise InvalidParameterError(str(error), "size") from None
-
-    @staticmethod
-    def seed(seed: int | None, outputs: int) -> int:
-        """The request's base seed: the given one, which must leave room for one seed per output, or a drawn one."""
-        if seed is None:
-            return random.SystemRandom().randrange(2**32)
-        if seed + outputs - 1 > MAX_SEED:
-            raise InvalidParameterError(
-                f"seed {seed} leaves no room for {outputs} consecutive seeds (image i uses seed + i); "
-                f"the largest seed for {outputs} images is {MAX_SEED - outputs + 1}",
-                "seed",
-            )
-        return seed
 
     def check_cache_config(self, overrides: dict[str, Any] | None) -> None:
         try:

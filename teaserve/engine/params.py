@@ -153,11 +153,16 @@ def values_from_strings(model: type[BaseModel], values: Mapping[str, str]) -> di
         if field is not None and _base_type(field.annotation) is str:
             parsed[name] = text
             continue
-        try:
-            parsed[name] = json.loads(text)
-        except ValueError:  # not JSON (or beyond the int parser's digit limit): validation reports it
-            parsed[name] = text
+        parsed[name] = json_or_text(text)
     return parsed
+
+
+def json_or_text(text: str) -> Any:
+    """The JSON value `text` spells, else `text` itself (validation then says what was expected)."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):  # not JSON, too many digits, or nested too deep
+        return text
 
 
 # -- clear messages from validation errors ---------------------------------------------------------------------
@@ -175,9 +180,11 @@ def parameter_error(
     if details["type"] == "extra_forbidden" or field is None:
         message = f"unknown parameter {name!r}; valid parameters: {', '.join(model.model_fields)}"
     elif len(location) == 1:
-        message = f"{name} must be {describe_field(field)}, got {_shown(details['input'])}"
+        message = f"{name} must be {describe_field(field)}, got {shown_value(details['input'])}"
     else:
-        message = f"{name}: {details['msg']} at {'.'.join(map(str, location[1:]))} (got {_shown(details['input'])})"
+        message = (
+            f"{name}: {details['msg']} at {'.'.join(map(str, location[1:]))} (got {shown_value(details['input'])})"
+        )
     return InvalidParameterError(message, (wire_names or {}).get(name, name))
 
 
@@ -213,6 +220,7 @@ def _base_type(annotation: Any) -> Any:
     return annotation
 
 
-def _shown(value: Any) -> str:
+def shown_value(value: Any) -> str:
+    """`value` for an error message, cut to 80 characters."""
     shown = repr(value)
     return shown if len(shown) <= 80 else shown[:77] + "..."

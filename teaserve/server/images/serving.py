@@ -32,7 +32,7 @@ from ...engine import (
     RequestOutput,
     SamplingFields,
 )
-from ...engine.params import parse_size, values_from_strings
+from ...engine.params import json_or_text, parse_size, shown_value, values_from_strings
 from ..errors import OpenAIError, _validation_message
 from ..metrics import ServerMetrics
 from .protocol import ImageData, ImageEditRequest, ImageGenerationRequest, ImageRequestFields, ImagesResponse
@@ -164,6 +164,7 @@ class ImageServing:
             body = parts.body()
             try:
                 params = self._params(body)
+                self.engine.check_params(params)
                 self.engine.check_inputs(len(parts.images), bool(parts.masks))
                 images, mask = await asyncio.to_thread(
                     self.engine.open_inputs,
@@ -356,17 +357,13 @@ def _form_cache_config(key: str, value: Any) -> dict[str, Any]:
     if isinstance(value, UploadFile):
         raise OpenAIError(400, "cache_config must be a text field", param="cache_config")
     if key == "cache_config":
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError:
-            raise OpenAIError(400, f"cache_config is not a JSON object: {value!r}", param="cache_config") from None
+        parsed = json_or_text(value)
         if not isinstance(parsed, dict):
-            raise OpenAIError(400, f"cache_config must be a JSON object, got {value!r}", param="cache_config")
+            raise OpenAIError(
+                400, f"cache_config must be a JSON object, got {shown_value(value)}", param="cache_config"
+            )
         return parsed
     name = key[len("cache_config[") : -1] if key.endswith("]") else ""
     if not name:
-        raise OpenAIError(400, f"malformed form field {key!r}", param="cache_config")
-    try:
-        return {name: json.loads(value)}
-    except json.JSONDecodeError:
-        return {name: value}
+        raise OpenAIError(400, f"malformed form field {shown_value(key)}", param="cache_config")
+    return {name: json_or_text(value)}
