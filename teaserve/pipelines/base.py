@@ -31,9 +31,6 @@ class GenerationDefaults:
     width: int | None = None
     height: int | None = None
 
-    def updated(self, overrides: dict[str, Any]) -> GenerationDefaults:
-        return dataclasses.replace(self, **overrides)
-
 
 @dataclass
 class PipelineInputs:
@@ -101,7 +98,7 @@ class ModelFamily:
         if self.knobs is not None:
             self.knobs.model_validate(knobs)
         sampling = {name: value for name, value in overrides.items() if name not in knob_names}
-        return self.defaults.updated(sampling), knobs
+        return dataclasses.replace(self.defaults, **sampling), knobs
 
     def matches_folder(self, folder: Path) -> bool:
         """For checkpoints published without a model_index.json: True when `folder` is one of this family's."""
