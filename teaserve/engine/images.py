@@ -31,6 +31,11 @@ def open_header(data: ImageSource, param: str = "image") -> Image.Image:
             data = Path(data).read_bytes()
         except OSError as error:
             raise InvalidImageError(f"cannot read image file: {error}", param) from None
+    if not isinstance(data, bytes) and not hasattr(data, "read"):
+        raise InvalidImageError(
+            f"an image must be encoded bytes, a file path, a binary file or a PIL image, got {type(data).__name__}",
+            param,
+        )
     stream = io.BytesIO(data) if isinstance(data, bytes) else data
     if stream.seek(0, io.SEEK_END) == 0:
         raise InvalidImageError("the image is empty", param)
