@@ -5,6 +5,7 @@ from .images import InvalidImageError, open_image
 from .omni import Omni
 from .params import MAX_OUTPUTS, MAX_PIXELS, MAX_STEPS, OmniDiffusionSamplingParams
 from .request import (
+    DeviceOutOfMemoryError,
     EngineStoppedError,
     GenerationError,
     GenerationRequest,
@@ -14,6 +15,7 @@ from .request import (
     RequestCancelledError,
     RequestMetrics,
     RequestOutput,
+    RequestTimeoutError,
 )
 
 __all__ = [
@@ -22,6 +24,7 @@ __all__ = [
     "MAX_PIXELS",
     "MAX_STEPS",
     "AsyncEngine",
+    "DeviceOutOfMemoryError",
     "EngineStoppedError",
     "GenerationError",
     "GenerationRequest",
@@ -35,5 +38,6 @@ __all__ = [
     "RequestHandle",
     "RequestMetrics",
     "RequestOutput",
+    "RequestTimeoutError",
     "open_image",
 ]

@@ -32,6 +32,14 @@ class GenerationError(RuntimeError):
     """The pipeline failed while running a request (the engine goes on with the next one)."""
 
 
+class RequestTimeoutError(GenerationError):
+    """The request passed its deadline before it finished."""
+
+
+class DeviceOutOfMemoryError(GenerationError):
+    """The device ran out of memory while running the request; a smaller or later request may fit."""
+
+
 def new_request_id() -> str:
     return str(uuid.uuid4())
 
