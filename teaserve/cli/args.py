@@ -53,6 +53,21 @@ def _add_serve(subparsers) -> None:
         "--max-queue-size", type=int, default=DEFAULT_MAX_QUEUE_SIZE, help="waiting requests (429 after)"
     )
     serve.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body in MB (413 above)")
+    serve.add_argument(
+        "--body-timeout", type=float, default=60.0, help="seconds a client has to send its request body (408 after)"
+    )
+    serve.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=120.0,
+        help="seconds the running request may go without finishing a step before /ready fails",
+    )
+    serve.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=30.0,
+        help="seconds the running request may take to finish after SIGTERM (a second SIGTERM exits at once)",
+    )
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _add_model_flags(serve)
 

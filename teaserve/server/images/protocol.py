@@ -14,7 +14,7 @@ OutputFormat = Literal["png", "jpeg", "webp"]
 class ImageRequestFields(BaseModel):
     """Fields shared by generations and edits. Unknown fields are refused with a 400 that names them."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # a boolean is no number, "4" no integer
 
     prompt: str = Field(max_length=MAX_PROMPT_CHARS)
     model: str | None = None
