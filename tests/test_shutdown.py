@@ -17,7 +17,7 @@ import httpx
 import pytest
 from conftest import RunningServer, decode_b64_image, wait_until
 
-from teaserve.engine import AsyncEngine
+from teaserve.engine import AsyncEngine, EngineStoppedError, OmniDiffusionSamplingParams
 from teaserve.server import build_app
 
 SERVE_WITH_HELD_STEPS = """
@@ -196,3 +196,28 @@ def test_past_the_grace_period_the_waiting_requests_are_answered_and_the_server_
         held.set()
         hook.remove()
     assert asyncio.run(engine.wait_stopped(timeout=30))  # released, the worker stops at its next step
+
+
+def test_begin_shutdown_refuses_new_and_waiting_requests_and_the_running_one_finishes(tiny_qwen):
+    engine, gate = AsyncEngine(str(tiny_qwen)), threading.Event()
+    try:
+        assert engine.seconds_since_progress is None  # idle
+        params = OmniDiffusionSamplingParams(num_inference_steps=2, true_cfg_scale=1.0)
+        running = engine.submit(engine.prepare("a", params), on_progress=lambda event: gate.wait(60))
+        waiting = [engine.submit(engine.prepare(prompt, params)) for prompt in ("b", "c")]
+        wait_until(lambda: engine.num_running == 1 and engine.seconds_since_progress is not None)
+        engine.begin_shutdown()
+        for handle in waiting:
+            with pytest.raises(EngineStoppedError):
+                handle.result(timeout=1)  # at once, not after the running request
+        with pytest.raises(EngineStoppedError):
+            engine.submit(engine.prepare("d", params))
+        assert not engine.accepting and engine.is_alive
+        gate.set()
+        assert running.result(timeout=60).metrics.steps == 2
+        assert engine.seconds_since_progress is None
+        engine.shutdown(wait=False)
+        assert asyncio.run(engine.wait_stopped(timeout=30))
+    finally:
+        gate.set()
+        engine.shutdown()
