@@ -384,7 +384,7 @@ class AsyncEngine:
     def begin_shutdown(self) -> None:
         """Take no new request and fail the waiting ones with EngineStoppedError; the running one goes on.
 
-        Thread-safe and non-blocking (signal handlers and the event loop may call it). `shutdown` ends the worker.
+        Thread-safe and non-blocking: any thread, the event loop included, may call it. `shutdown` ends the worker.
         """
         self._accepting = False
         if self._refuse_waiting():
