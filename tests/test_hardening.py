@@ -205,7 +205,11 @@ def test_a_stuck_step_fails_ready_until_it_moves(engine, caplog):
         assert httpx.get(ready).json()["reason"] == "stalled"
         assert httpx.get(f"{server.url}/health").status_code == 200  # stuck is still alive
         wait_until(lambda: metric(server, "teaserve_seconds_since_progress") > 2.0)  # many watchdog rounds later
-        warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+        warnings = [
+            record.getMessage()
+            for record in caplog.records
+            if record.name == "teaserve.server.lifecycle" and record.levelno == logging.WARNING
+        ]
         released.set()
         stuck.join(timeout=60)
         wait_until(lambda: httpx.get(ready).status_code == 200)
