@@ -97,7 +97,7 @@ def test_the_image_routes_answer_every_generated_request_as_their_schema_says(se
     answered = []
 
     @given(case=st.one_of(*(schema.as_strategy(generation_mode=mode) for mode in GenerationMode)))
-    @settings(max_examples=40, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=30, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     def check(case):
         if case.path.endswith("/generations") and isinstance(case.body, dict):
             # small limits keep it fast (the tiny model defaults to 50 steps): the limits are not fuzzed here
