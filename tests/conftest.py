@@ -28,15 +28,18 @@ def pixels(image) -> np.ndarray:
 
 
 class RunningServer:
-    """A real uvicorn server on 127.0.0.1 in a background thread."""
+    """A real uvicorn server on 127.0.0.1 in a background thread, set up as `teaserve serve` sets it up.
 
-    def __init__(self, app):
+    Signals only reach the main thread: `server.handle_exit(signal.SIGTERM, None)` stands for one.
+    """
+
+    def __init__(self, app, **settings):
         import threading
 
-        import uvicorn
+        from teaserve.server.runner import build_server
 
         self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.server = build_server(app, host="127.0.0.1", port=0, log_level="warning", **settings)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self):
@@ -67,6 +70,27 @@ class RunningServer:
         return openai.AsyncOpenAI(
             base_url=f"{self.url}/v1", api_key=kwargs.pop("api_key", "none"), max_retries=0, **kwargs
         )
+
+
+def wait_until(condition, timeout=60.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def metric(server, name: str, **labels) -> float:
+    """The value of one series on the server's /metrics (0 when absent)."""
+    import httpx
+
+    text = httpx.get(f"{server.url}/metrics").text
+    wanted = ",".join(f'{key}="{value}"' for key, value in labels.items())
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{{wanted}}}" if labels else f"{name} "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 @pytest.fixture(scope="session")

@@ -2,13 +2,12 @@
 
 import asyncio
 import io
-import time
 
 import httpx
 import numpy as np
 import openai
 import pytest
-from conftest import RunningServer, decode_b64_image, pixels, png_bytes
+from conftest import RunningServer, decode_b64_image, metric, pixels, png_bytes, wait_until
 from PIL import Image
 
 from teaserve.engine import AsyncEngine
@@ -34,15 +33,6 @@ def edit_server(tiny_edit_plus, small_edits):
     engine = AsyncEngine(str(tiny_edit_plus), cache_backend="tea_cache")
     with RunningServer(build_app(engine)) as server:
         yield server
-
-
-def metric(server, name: str, **labels) -> float:
-    text = httpx.get(f"{server.url}/metrics").text
-    wanted = ",".join(f'{key}="{value}"' for key, value in labels.items())
-    for line in text.splitlines():
-        if line.startswith(f"{name}{{{wanted}}}" if labels else f"{name} "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 def test_generate_two_distinct_pngs_of_the_asked_size(server):
@@ -176,13 +166,6 @@ def test_body_over_the_limit_is_413(server):
     )
     assert response.status_code == 413
     assert httpx.get(f"{server.url}/health").status_code == 200
-
-
-def wait_until(condition, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 def test_full_queue_is_429_with_retry_after(server, engine):

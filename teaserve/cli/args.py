@@ -76,6 +76,21 @@ def _add_serve(subparsers) -> None:
     serve.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (env TEASERVE_API_KEY)")
     serve.add_argument("--served-model-name", default=None, help="model id reported by /v1/models and accepted")
     serve.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body in MB (413 above)")
+    serve.add_argument(
+        "--body-timeout", type=float, default=60.0, help="seconds a client has to send its request body (408 after)"
+    )
+    serve.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=120.0,
+        help="seconds the running request may go without finishing a step before /ready fails",
+    )
+    serve.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=30.0,
+        help="seconds the running request may take to finish after SIGTERM (a second SIGTERM exits at once)",
+    )
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     EngineArgs.add_cli_args(serve)
 

@@ -97,7 +97,9 @@ class AsyncEngine:
         self._queue: queue.Queue[RequestHandle | None] = queue.Queue(maxsize=args.max_queue_size)
         self._active: dict[str, RequestHandle] = {}
         self._running: RequestHandle | None = None
+        self._progress_at: float | None = None
         self._seconds_per_request = 1.0
+        self._accepting = True
         self._stopped = False
         self._thread = threading.Thread(target=self._serve, name="teaserve-worker", daemon=True)
         self._thread.start()
@@ -139,6 +141,22 @@ class AsyncEngine:
         """Check the count, then the pixel limits from the headers, then decode. Blocking: run it off the loop."""
         self.check_inputs(len(images), mask is not None)
         return open_inputs(images, mask, self.args)
+
+    @property
+    def accepting(self) -> bool:
+        """False once `begin_shutdown` or `shutdown` was called: new requests are refused."""
+        return self._accepting
+
+    @property
+    def running_request_id(self) -> str | None:
+        running = self._running
+        return None if running is None else running.request_id
+
+    @property
+    def seconds_since_progress(self) -> float | None:
+        """None while idle; else seconds since the running request last advanced (it started or ended a step)."""
+        progress_at = self._progress_at
+        return None if progress_at is None else max(0.0, time.monotonic() - progress_at)
 
     # -- preparing requests --------------------------------------------------------------------
     def prepare(
@@ -244,8 +262,8 @@ class AsyncEngine:
         block: bool = False,
     ) -> RequestHandle:
         """Queue a prepared request. With block=False a full queue raises QueueFullError."""
-        if self._stopped:
-            raise EngineStoppedError("the engine has shut down")
+        if not self._accepting:
+            raise EngineStoppedError("the engine is shutting down and takes no new requests")
         handle = RequestHandle(request, on_progress)
         self._active[request.request_id] = handle
         try:
@@ -277,21 +295,28 @@ class AsyncEngine:
             handle.cancel()
             raise
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[ProgressEvent | RequestOutput]:
-        """Yield progress events as the request runs, then its output. Leaving early cancels the request."""
+    def stream(self, request: GenerationRequest) -> AsyncIterator[ProgressEvent | RequestOutput]:
+        """Submit the request now, then iterate over its progress events and finally its output.
+
+        Submitting before the first iteration lets a caller answer a full queue (QueueFullError) or a stopping
+        engine (EngineStoppedError) before it commits to a streamed answer. Leaving the iteration cancels the request.
+        """
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[ProgressEvent] = asyncio.Queue()
 
-        def push(event: ProgressEvent) -> None:
+        def on_progress(event: ProgressEvent) -> None:  # called on the worker thread
             loop.call_soon_threadsafe(events.put_nowait, event)
 
-        handle = self.submit(request, on_progress=push)
-        finished = asyncio.wrap_future(handle.future)
+        return self._follow(self.submit(request, on_progress=on_progress), events)
+
+    async def _follow(
+        self, handle: RequestHandle, events: asyncio.Queue[ProgressEvent]
+    ) -> AsyncIterator[ProgressEvent | RequestOutput]:
+        finished: asyncio.Future[Any] = asyncio.wrap_future(handle.future)
         try:
             while True:
-                next_event = asyncio.ensure_future(events.get())
-                waiting: set[asyncio.Future[Any]] = {next_event, finished}
-                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                next_event: asyncio.Future[Any] = asyncio.ensure_future(events.get())
+                done, _ = await asyncio.wait({next_event, finished}, return_when=asyncio.FIRST_COMPLETED)
                 if next_event in done:
                     yield next_event.result()
                     continue
@@ -305,25 +330,36 @@ class AsyncEngine:
                 handle.cancel()
 
     def _serve(self) -> None:
-        while True:
-            handle = self._queue.get()
-            if handle is None:
-                return
-            try:
-                self._run(handle)
-            finally:
-                self._active.pop(handle.request_id, None)
+        try:
+            while True:
+                handle = self._queue.get()
+                if handle is None:
+                    return
+                try:
+                    self._run(handle)
+                finally:
+                    if not handle.future.done():  # something beyond Exception escaped: never leave a caller waiting
+                        handle.future.set_exception(GenerationError("the model worker stopped"))
+                    self._active.pop(handle.request_id, None)
+        finally:
+            if not self._stopped:
+                logger.critical("the model worker stopped unexpectedly; the engine takes no more requests")
+                self.begin_shutdown()
 
     def _run(self, handle: RequestHandle) -> None:
+        if not self._accepting:
+            self._refuse(handle)  # it reached the queue while shutdown began
+            return
         if not handle.future.set_running_or_notify_cancel():
             return  # cancelled while queued
         self._running = handle
+        self._progress_at = time.monotonic()
         started = time.perf_counter()
         try:
             output = self._worker.run(
                 handle.request,
                 check_stop=self._stop_check(handle),
-                on_progress=handle.emit,
+                on_progress=lambda event: self._advance(handle, event),
                 queue_seconds=started - handle.submitted_at,
             )
         except Exception as error:  # a failing request fails alone; the worker goes on
@@ -331,6 +367,7 @@ class AsyncEngine:
         else:
             handle.future.set_result(output)
         finally:
+            self._progress_at = None
             self._running = None
             elapsed = time.perf_counter() - started
             self._seconds_per_request = 0.8 * self._seconds_per_request + 0.2 * elapsed
@@ -373,22 +410,67 @@ class AsyncEngine:
         failure.__cause__ = error
         return failure
 
-    def shutdown(self, *, wait: bool = True) -> None:
-        """Stop taking requests, cancel the waiting ones and the running one, and stop the worker."""
-        if self._stopped:
-            return
-        self._stopped = True
+    def _advance(self, handle: RequestHandle, event: ProgressEvent) -> None:
+        self._progress_at = time.monotonic()
+        handle.emit(event)
+
+    # -- shutting down -------------------------------------------------------------------------
+    def _refuse(self, handle: RequestHandle) -> None:
+        """Answer a request that will never run because the engine is shutting down."""
+        if handle.future.set_running_or_notify_cancel():  # False: its caller cancelled it already
+            handle.future.set_exception(EngineStoppedError("the engine shut down before the request started"))
+        self._active.pop(handle.request_id, None)
+
+    def _refuse_waiting(self) -> bool:
+        """Refuse every queued request; True if the worker's stop marker was among them (it is not consumed)."""
+        saw_stop_marker = False
         while True:
             try:
                 handle = self._queue.get_nowait()
             except queue.Empty:
-                break
-            if handle is not None:
-                handle.cancel()
-                self._active.pop(handle.request_id, None)
-        self._queue.put(None)
+                return saw_stop_marker
+            if handle is None:
+                saw_stop_marker = True
+            else:
+                self._refuse(handle)
+
+    def begin_shutdown(self) -> None:
+        """Take no new request and fail the waiting ones with EngineStoppedError; the running one goes on.
+
+        Thread-safe and non-blocking: any thread, the event loop included, may call it. `shutdown` ends the worker.
+        """
+        self._accepting = False
+        if self._refuse_waiting():
+            self._queue.put_nowait(None)  # the queue was just emptied: there is room
+
+    def shutdown(self, *, wait: bool = True) -> None:
+        """Take no new request, fail the waiting ones (EngineStoppedError), cancel the running one at its next
+        step and stop the worker; with wait=True, until its thread has ended (see `wait_stopped` for asyncio)."""
+        if not self._stopped:
+            self._accepting = False
+            self._stopped = True
+            while True:  # requests submitted while shutdown began are refused too, then the stop marker goes in
+                self._refuse_waiting()
+                try:
+                    self._queue.put_nowait(None)
+                    break
+                except queue.Full:
+                    continue
         if wait:
             self._thread.join()
+
+    async def wait_stopped(self, timeout: float | None = None) -> bool:
+        """Wait, without blocking the event loop, until the worker thread has ended (after `shutdown`).
+
+        Returns False if it still runs after `timeout` seconds: a step that never returns keeps it busy, and the
+        thread, a daemon, then ends with the process.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._thread.is_alive():
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
 
 
 def preview_steps(num_steps: int, count: int) -> frozenset[int]:

@@ -6,6 +6,8 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_fastapi_instrumentator.routing import get_route_name
+from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..engine import AsyncEngine, RequestOutput
@@ -42,6 +44,12 @@ class ServerMetrics:
         queue_depth.set_function(lambda: engine.queue_depth)
         running = Gauge("teaserve_requests_running", "Requests the worker is running", registry=self.registry)
         running.set_function(lambda: engine.num_running)
+        since_progress = Gauge(
+            "teaserve_seconds_since_progress",
+            "Seconds since the running request last finished a step (0 when idle); a large value is a stuck step",
+            registry=self.registry,
+        )
+        since_progress.set_function(lambda: engine.seconds_since_progress or 0.0)
 
     def observe(self, endpoint: str, status: int | str, seconds: float) -> None:
         self.requests.labels(endpoint, str(status)).inc()
@@ -61,18 +69,30 @@ class ServerMetrics:
 
 
 class RequestMetricsMiddleware:
-    """Count every request to the image endpoints by status (validation errors, 401s and 413s included)."""
+    """Count every request to the image endpoints by status (validation errors, 401s and 413s included).
+
+    The endpoint label comes from the route the path matches, never from the path itself: requests to paths that
+    match no route all count as "unmatched", so no client can make the metrics grow.
+    """
 
     PREFIX = "/v1/images/"
+    UNMATCHED = "unmatched"
 
     def __init__(self, app: ASGIApp, metrics: ServerMetrics):
         self.app, self.metrics = app, metrics
 
+    def _endpoint(self, scope: Scope) -> str | None:
+        """The label of an image route, UNMATCHED for a path that matches no route, None for the other routes."""
+        template = get_route_name(HTTPConnection(scope), should_include_root_path=False)
+        if template is None:
+            return self.UNMATCHED
+        return template[len(self.PREFIX) :].strip("/") if template.startswith(self.PREFIX) else None
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(self.PREFIX):
+        endpoint = self._endpoint(scope) if scope["type"] == "http" else None
+        if endpoint is None:
             return await self.app(scope, receive, send)
         started, status, observed = time.perf_counter(), None, False
-        endpoint = scope["path"][len(self.PREFIX) :]
 
         def observe() -> None:
             nonlocal observed

@@ -1,10 +1,12 @@
-"""Pure ASGI middleware: request ids, body-size limit, API-key authentication."""
+"""Pure ASGI middleware: request ids, body size and read-time limits, API-key authentication."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import secrets
+import time
 import uuid
 
 from starlette.exceptions import HTTPException
@@ -57,10 +59,11 @@ class RequestIdMiddleware:
 
 
 class BodyLimitMiddleware:
-    """413 for request bodies over `max_bytes`, whether announced by Content-Length or streamed."""
+    """413 for request bodies over `max_bytes`, whether announced by Content-Length or streamed; 408 (and the
+    connection closed) when the whole body has not arrived `read_timeout` seconds after the app began reading it."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: ASGIApp, max_bytes: int, read_timeout: float):
+        self.app, self.max_bytes, self.read_timeout = app, max_bytes, read_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -69,19 +72,31 @@ class BodyLimitMiddleware:
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             return await _send_error(send, 413, message, "request_too_large", [(b"connection", b"close")])
-        received = 0
+        received, deadline, complete = 0, None, False
 
-        async def counting_receive() -> Message:
-            nonlocal received
-            incoming = await receive()
+        async def limited_receive() -> Message:
+            nonlocal received, deadline, complete
+            if complete:  # the body is in: what follows is a wait for the disconnect, as long as the answer takes
+                return await receive()
+            if deadline is None:
+                deadline = time.monotonic() + self.read_timeout
+            try:
+                incoming = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                # Raised inside the body reader: FastAPI passes HTTP exceptions through to the error handlers.
+                raise HTTPException(
+                    408,
+                    f"the request body did not arrive within {self.read_timeout:g} s",
+                    headers={"connection": "close"},
+                ) from None
             if incoming["type"] == "http.request":
                 received += len(incoming.get("body", b""))
+                complete = not incoming.get("more_body", False)
                 if received > self.max_bytes:
-                    # Raised inside the body reader: FastAPI passes HTTP exceptions through to the error handlers.
                     raise HTTPException(413, message)
             return incoming
 
-        await self.app(scope, counting_receive, send)
+        await self.app(scope, limited_receive, send)
 
 
 class ApiKeyMiddleware:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from fastapi import APIRouter, Request
@@ -34,18 +35,27 @@ async def list_models(request: Request) -> ModelList:
 
 
 @router.get("/health", tags=["system"])
+@router.head("/health", include_in_schema=False)
 async def health(request: Request) -> Response:
-    """200 while the model worker is alive."""
+    """Liveness: 200 while the process and its model worker live (a stuck or draining worker is still alive)."""
     alive = request.app.state.engine.is_alive
     return JSONResponse({"status": "ok" if alive else "dead"}, status_code=200 if alive else 503)
 
 
 @router.get("/ready", tags=["system"])
+@router.head("/ready", include_in_schema=False)
 async def ready(request: Request) -> Response:
-    """200 once the model is loaded and the worker takes requests; 503 otherwise."""
-    engine = request.app.state.engine
-    body = {"ready": engine.is_alive, "model": request.app.state.image_serving.served_model_name}
-    return JSONResponse(body, status_code=200 if engine.is_alive else 503)
+    """Readiness: 200 when a request sent now would be taken and worked on; 503 while shutting down, when the
+    worker has stopped, or when the running request has made no progress for longer than the stall timeout."""
+    lifecycle = request.app.state.lifecycle
+    reason = lifecycle.unready_reason()
+    body = {
+        "ready": reason is None,
+        "reason": reason,
+        "model": request.app.state.image_serving.served_model_name,
+        "seconds_since_progress": lifecycle.engine.seconds_since_progress,
+    }
+    return JSONResponse(body, status_code=200 if reason is None else 503)
 
 
 @router.get("/version", tags=["system"])
@@ -56,4 +66,5 @@ async def version() -> dict:
 @router.get("/metrics", tags=["system"])
 async def metrics(request: Request) -> Response:
     registry = request.app.state.metrics
-    return Response(registry.render(), media_type=registry.content_type)
+    # Rendering walks every series: keep it off the event loop.
+    return Response(await asyncio.to_thread(registry.render), media_type=registry.content_type)

@@ -16,7 +16,7 @@ class ImageRequestFields(SamplingFields):
     schema of the Python API). Any other field is a model-only parameter that the served model's family checks
     (e.g. `layers` of a layered model); one it does not take is refused with a 400 that names it."""
 
-    model_config = ConfigDict(extra="allow", frozen=False)
+    model_config = ConfigDict(extra="allow", frozen=False, strict=True)  # a boolean is no number, "4" no integer
 
     prompt: str = Field(max_length=MAX_PROMPT_CHARS)
     model: str | None = None

@@ -16,24 +16,24 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from PIL import Image
 from pydantic import ValidationError
+from starlette.background import BackgroundTask
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException
 
 from ...engine import (
     AsyncEngine,
     EngineStoppedError,
-    GenerationError,
     GenerationRequest,
     InvalidParameterError,
     OmniDiffusionSamplingParams,
     ProgressEvent,
     PromptInput,
-    QueueFullError,
     RequestOutput,
     SamplingFields,
 )
 from ...engine.params import json_or_text, parse_size, shown_value, values_from_strings
-from ..errors import OpenAIError, _validation_message
+from ..errors import OpenAIError, _validation_message, engine_error
+from ..lifecycle import ServerLifecycle
 from ..metrics import ServerMetrics
 from .protocol import ImageData, ImageEditRequest, ImageGenerationRequest, ImageRequestFields, ImagesResponse
 
@@ -51,23 +51,51 @@ class ClientDisconnectedError(Exception):
     """The client went away before its answer was ready."""
 
 
-async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it as soon as the client disconnects (the body must have been read)."""
+ABANDONED_MESSAGE = "the server stopped waiting for the request at the end of its shutdown grace period"
+
+
+async def cancel_on_disconnect(request: Request, work: Awaitable[T], abandoned: asyncio.Event) -> T:
+    """Await `work`, cancelling it as soon as the client disconnects (the body must have been read) or the server
+    abandons waiting requests (then EngineStoppedError)."""
     task = asyncio.ensure_future(work)
 
     async def wait_for_disconnect() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
-    watcher = asyncio.ensure_future(wait_for_disconnect())
+    watchers = {asyncio.ensure_future(wait_for_disconnect()), asyncio.ensure_future(abandoned.wait())}
     try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({task, *watchers}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        watcher.cancel()
+        for watcher in watchers:
+            watcher.cancel()
     if task in done:
         return task.result()
     task.cancel()
+    if abandoned.is_set():
+        raise EngineStoppedError(ABANDONED_MESSAGE)
     raise ClientDisconnectedError
+
+
+async def until_abandoned(items: AsyncIterator[T], abandoned: asyncio.Event) -> AsyncIterator[T]:
+    """Yield from `items` until they end, or raise EngineStoppedError once the server abandons waiting requests."""
+    stop = asyncio.ensure_future(abandoned.wait())
+    following: asyncio.Future[T] | None = None
+    try:
+        while True:
+            following = asyncio.ensure_future(anext(items))
+            await asyncio.wait({following, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if not following.done():
+                raise EngineStoppedError(ABANDONED_MESSAGE)
+            try:
+                item = following.result()
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        stop.cancel()
+        if following is not None:
+            following.cancel()  # a pending step of the iterator: cancelling it closes the iterator and its request
 
 
 def encode_image(image: Image.Image, output_format: str, compression: int | None) -> bytes:
@@ -140,8 +168,9 @@ class EditForm:
 class ImageServing:
     """Turns OpenAI image requests into engine requests and engine outputs into OpenAI responses."""
 
-    def __init__(self, engine: AsyncEngine, model_names: list[str], metrics: ServerMetrics):
+    def __init__(self, engine: AsyncEngine, model_names: list[str], metrics: ServerMetrics, lifecycle: ServerLifecycle):
         self.engine = engine
+        self.lifecycle = lifecycle
         self.served_model_name = model_names[0]
         self.model_names = set(model_names)
         self.metrics = metrics
@@ -236,17 +265,28 @@ class ImageServing:
     ) -> Response:
         prepared = self._prepare(prompt, body, params, request)
         if body.stream:
+            # Admission first (queue full: 429, shutting down: 503), then the 200 that starts the stream.
+            try:
+                events = self.engine.stream(prepared)
+            except InvalidParameterError as error:
+                raise _bad_request(error) from None
+            except Exception as error:
+                raise engine_error(error, prepared.request_id) from None
             return StreamingResponse(
-                self._events(kind, prepared, body),
+                self._events(kind, prepared, body, events),
                 media_type="text/event-stream",
                 headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+                # a client gone before the first event never starts the iteration that would cancel the request
+                background=BackgroundTask(self.engine.cancel, prepared.request_id),
             )
         try:
-            output = await cancel_on_disconnect(request, self.engine.generate(prepared))
+            output = await cancel_on_disconnect(request, self.engine.generate(prepared), self.lifecycle.abandoned)
         except ClientDisconnectedError:
             return Response(status_code=499)  # nobody reads it; the generation was cancelled
+        except InvalidParameterError as error:  # refused at submission, before any work
+            raise _bad_request(error) from None
         except Exception as error:
-            raise self._engine_error(error) from error
+            raise engine_error(error, prepared.request_id) from None
         self.metrics.record_output(output)
         data = await asyncio.to_thread(self._encode_all, output, body)
         response = ImagesResponse(
@@ -264,17 +304,6 @@ class ImageServing:
         return JSONResponse(response.model_dump())
 
     @staticmethod
-    def _engine_error(error: Exception) -> Exception:
-        if isinstance(error, QueueFullError):
-            return OpenAIError(429, str(error), code="queue_full", headers={"retry-after": str(error.retry_after)})
-        if isinstance(error, EngineStoppedError):
-            return OpenAIError(503, "the server is shutting down", code="shutting_down")
-        if isinstance(error, GenerationError):
-            # Deterministic failures would fail again: tell the SDK not to retry.
-            return OpenAIError(500, str(error), code="generation_failed", headers={"x-should-retry": "false"})
-        return error
-
-    @staticmethod
     def _encode_all(output: RequestOutput, body: ImageRequestFields) -> list[tuple[str, int]]:
         seeds = output.seeds
         per_seed = max(1, len(output.images) // len(seeds))  # layered models return several images per seed
@@ -290,12 +319,18 @@ class ImageServing:
     def _background(images: list[Image.Image]) -> Literal["transparent", "opaque"]:
         return "transparent" if any(image.mode in ("RGBA", "LA") for image in images) else "opaque"
 
-    async def _events(self, kind: str, prepared: GenerationRequest, body: ImageRequestFields) -> AsyncIterator[str]:
+    async def _events(
+        self,
+        kind: str,
+        prepared: GenerationRequest,
+        body: ImageRequestFields,
+        events: AsyncIterator[ProgressEvent | RequestOutput],
+    ) -> AsyncIterator[str]:
         size = f"{prepared.width}x{prepared.height}"
         common = {"output_format": body.output_format, "quality": body.quality or "auto", "size": size}
         partial_index = 0
         try:
-            async for item in self.engine.stream(prepared):
+            async for item in until_abandoned(events, self.lifecycle.abandoned):
                 if isinstance(item, ProgressEvent):
                     for preview in item.previews or []:
                         b64 = await asyncio.to_thread(encode_b64, preview, body.output_format, body.output_compression)
@@ -330,11 +365,7 @@ class ImageServing:
                         },
                     )
         except Exception as error:  # the status line has gone out: report the failure in the stream
-            mapped = self._engine_error(error)
-            if not isinstance(mapped, OpenAIError):
-                logger.exception("stream of request %s failed", prepared.request_id)
-                mapped = OpenAIError(500, f"generation failed: {type(error).__name__}: {error}")
-            yield f"data: {json.dumps(mapped.body())}\n\n"
+            yield f"data: {json.dumps(engine_error(error, prepared.request_id).body())}\n\n"
 
 
 def _sse(event: str, payload: dict[str, Any]) -> str:
