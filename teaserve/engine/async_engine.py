@@ -398,7 +398,7 @@ class AsyncEngine:
             return error
         failure: GenerationError
         if isinstance(error, torch.OutOfMemoryError):
-            logger.error("request %s ran out of device memory: %s", request_id, error)
+            logger.error("request %s ran out of device memory", request_id, exc_info=error)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             failure = DeviceOutOfMemoryError(
