@@ -106,7 +106,7 @@ def test_python_api_gets_the_same_limits_naming_the_setting(engine):
     # decoded inputs are bounded too: a picture over the per-image cap, given as a PIL image
     with pytest.raises(InvalidImageError, match="max_input_image_pixels"):
         open_inputs([Image.new("RGB", (11, 10))], None, EngineArgs(max_input_image_pixels=100))
-    with pytest.raises(InvalidImageError, match="an image must be encoded bytes, a file path, .* got list"):
+    with pytest.raises(InvalidImageError, match=r"an image must be encoded bytes, a file path, .* got list"):
         open_inputs([[1, 2, 3]], None, EngineArgs())
 
 
