@@ -201,6 +201,22 @@ def test_reference_schedule_has_49_steps_and_41_of_them_guided():
     assert cfg_steps(49) == 41
 
 
+def test_sampling_settings_default_per_task_and_refuse_unknown_renorm_types():
+    from teaserve.pipelines.bagel.pipeline import SamplingSettings
+
+    def knobs(settings):
+        return settings.cfg_text_scale, settings.cfg_img_scale, settings.cfg_interval, settings.cfg_renorm_type
+
+    t2i = SamplingSettings.for_task(editing=False, cfg_img_scale=None)
+    edit = SamplingSettings.for_task(editing=True, cfg_text_scale=5.0, cfg_img_scale=None)
+    assert knobs(t2i) == (4.0, 1.0, (0.4, 1.0), "global")
+    assert knobs(edit) == (5.0, 2.0, (0.0, 1.0), "text_channel")
+    assert [edit.guides_at(t) for t in (1.0, 0.5, 0.0)] == [True, True, False]
+    assert [t2i.guides_at(t) for t in (1.0, 0.5, 0.4)] == [True, True, False]
+    with pytest.raises(ValueError, match="global, channel, text_channel"):
+        SamplingSettings(cfg_renorm_type="local")  # type: ignore[arg-type]
+
+
 def test_cfg_combination_rules():
     torch.manual_seed(0)
     full, text_free, image_free = (torch.randn(2, 6, 64) for _ in range(3))
