@@ -114,8 +114,9 @@ def tiny_layered(tmp_path_factory):
     return build_tiny_qwen_image_edit(tmp_path_factory.mktemp("tiny-layered"), kind="layered")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def small_edits():
+    """Small condition images for the modules that ask for it; the others see diffusers' own sizing."""
     from teaserve.pipelines.testing import small_edit_condition_images
 
     with small_edit_condition_images():

@@ -99,6 +99,15 @@ def test_the_edit_depends_on_the_input_image_and_both_cfg_scales(omni):
         assert not np.array_equal(pixels(first.images[0]), pixels(other.images[0]))
 
 
+def test_image_guidance_runs_without_text_guidance(omni):
+    # The reference code applies no guidance at all when cfg_text_scale <= 1, whatever cfg_img_scale says (it
+    # computes the image-free branch and ignores it); teaserve's two scales are independent.
+    image_only = generate(omni, "make it blue", image=input_image(), true_cfg_scale=1.0, guidance_scale=2.0)
+    unguided = generate(omni, "make it blue", image=input_image(), true_cfg_scale=1.0, guidance_scale=1.0)
+    assert image_only.metrics.transformer_calls == 2 * STEPS and unguided.metrics.transformer_calls == STEPS
+    assert not np.array_equal(pixels(image_only.images[0]), pixels(unguided.images[0]))
+
+
 def test_negative_prompt_fills_the_text_free_branch(omni):
     plain = generate(omni, width=48, height=32)
     negative = generate(omni, width=48, height=32, negative_prompt="blurry")
@@ -192,6 +201,22 @@ def test_reference_schedule_has_49_steps_and_41_of_them_guided():
     assert cfg_steps(49) == 41
 
 
+def test_sampling_settings_default_per_task_and_refuse_unknown_renorm_types():
+    from teaserve.pipelines.bagel.pipeline import SamplingSettings
+
+    def knobs(settings):
+        return settings.cfg_text_scale, settings.cfg_img_scale, settings.cfg_interval, settings.cfg_renorm_type
+
+    t2i = SamplingSettings.for_task(editing=False, cfg_img_scale=None)
+    edit = SamplingSettings.for_task(editing=True, cfg_text_scale=5.0, cfg_img_scale=None)
+    assert knobs(t2i) == (4.0, 1.0, (0.4, 1.0), "global")
+    assert knobs(edit) == (5.0, 2.0, (0.0, 1.0), "text_channel")
+    assert [edit.guides_at(t) for t in (1.0, 0.5, 0.0)] == [True, True, False]
+    assert [t2i.guides_at(t) for t in (1.0, 0.5, 0.4)] == [True, True, False]
+    with pytest.raises(ValueError, match="global, channel, text_channel"):
+        SamplingSettings(cfg_renorm_type="local")  # type: ignore[arg-type]
+
+
 def test_cfg_combination_rules():
     torch.manual_seed(0)
     full, text_free, image_free = (torch.randn(2, 6, 64) for _ in range(3))
@@ -212,6 +237,48 @@ def test_cfg_combination_rules():
     a = combine_cfg(full, text_free, None, text_scale=4.0, image_scale=1.0, renorm_type="global", **kwargs)
     b = combine_cfg(scaled, text_free, None, text_scale=4.0, image_scale=1.0, renorm_type="global", **kwargs)
     assert torch.allclose(a[0], b[0])
+
+
+def test_cfg_combination_formulas():
+    # BAGEL's rules written out: text guidance, then image guidance on top; "global"/"channel" rescale the result
+    # to at most the full branch's norm (per image / per token), "text_channel" only the text-guided part.
+    torch.manual_seed(1)
+    full, text_free, image_free = (torch.randn(2, 6, 64) for _ in range(3))
+    text_guided = text_free + 4.0 * (full - text_free)
+    both_guided = image_free + 2.0 * (text_guided - image_free)
+
+    def combine(text_free, image_free, renorm_type, renorm_min=0.0, text_scale=4.0, image_scale=2.0):
+        return combine_cfg(
+            full,
+            text_free,
+            image_free,
+            text_scale=text_scale,
+            image_scale=image_scale,
+            renorm_type=renorm_type,
+            renorm_min=renorm_min,
+        )
+
+    def renormed(velocity, dims, renorm_min=0.0):
+        factor = full.norm(dim=dims, keepdim=True) / velocity.norm(dim=dims, keepdim=True)
+        return velocity * factor.clamp(min=renorm_min, max=1.0)
+
+    expected = {
+        "global": renormed(both_guided, (1, 2)),
+        "channel": renormed(both_guided, (-1,)),
+        "text_channel": image_free + 2.0 * (renormed(text_guided, (-1,)) - image_free),
+    }
+    for renorm_type, value in expected.items():
+        assert torch.allclose(combine(text_free, image_free, renorm_type), value, atol=1e-5)
+        # renorm_min 1 pins the factor to 1: the bare guidance formula
+        assert torch.allclose(combine(text_free, image_free, renorm_type, renorm_min=1.0), both_guided, atol=1e-5)
+        # a guided velocity shorter than the full one stays as it is: renorm only ever shrinks
+        shorter = combine(1.1 * full, None, renorm_type, image_scale=1.0)  # 1.1 v + 4 (v - 1.1 v) = 0.7 v
+        assert torch.allclose(shorter, 0.7 * full, atol=1e-5)
+    bounded = combine(text_free, None, "global", renorm_min=0.9, image_scale=1.0)
+    assert torch.allclose(bounded, renormed(text_guided, (1, 2), renorm_min=0.9), atol=1e-5)
+    # image guidance alone (no text branch): plain CFG between the full and the image-free branch
+    image_only = combine(None, image_free, "text_channel", text_scale=1.0)
+    assert torch.allclose(image_only, image_free + 2.0 * (full - image_free), atol=1e-5)
 
 
 def test_sincos_table_encodes_the_column_first():
@@ -261,9 +328,11 @@ def test_mot_routes_text_to_the_understanding_expert_and_latents_to_the_generati
     assert not torch.allclose(image_keys[:, :, -1], perturbed_image[:, :, -1])
 
 
-def test_understanding_expert_equals_transformers_qk_norm_qwen():
+@pytest.mark.parametrize("expert", ["understanding", "generation"])
+def test_each_expert_equals_transformers_qk_norm_qwen(expert):
     # Qwen3 is Qwen2 with the per-head q/k RMSNorm BAGEL adds; with q/k/v biases and a zero o_proj bias it is
-    # exactly BAGEL's understanding expert, so a causal text prefill must give the same hidden states.
+    # exactly one of BAGEL's experts, so a causal prefill routed to that expert must give the same hidden states.
+    # Every norm weight is perturbed on its own, so that an expert that borrowed the other's norms would differ.
     from transformers import Qwen3Config, Qwen3Model
 
     from teaserve.pipelines.bagel.config import LanguageModelConfig
@@ -280,14 +349,23 @@ def test_understanding_expert_equals_transformers_qk_norm_qwen():
     reference = Qwen3Model(
         Qwen3Config(**sizes, **heads, head_dim=16, attention_bias=True, rope_theta=1e6, rms_norm_eps=1e-6)
     ).eval()
-    state = {name: tensor for name, tensor in ours.state_dict().items() if "moe_gen" not in name}
+    weights = ours.state_dict()
+    state = {name: tensor for name, tensor in weights.items() if "moe_gen" not in name}  # understanding + shared
+    if expert == "generation":
+        state.update({name.replace("_moe_gen", ""): tensor for name, tensor in weights.items() if "moe_gen" in name})
     state.update({f"layers.{i}.self_attn.o_proj.bias": torch.zeros(64) for i in range(2)})
     reference.load_state_dict(state, strict=True)
     ids = torch.tensor([[5, 17, 3, 44, 9, 2, 71]])
+    gen_tokens = slice(0, 7) if expert == "generation" else None
     with torch.no_grad():
         expected = reference(input_ids=ids).last_hidden_state
         hidden = ours.run(
-            ours.embed_tokens(ids), list(range(7)), context=KVContext.empty(2), gen_tokens=None, causal=True, store=True
+            ours.embed_tokens(ids),
+            list(range(7)),
+            context=KVContext.empty(2),
+            gen_tokens=gen_tokens,
+            causal=True,
+            store=True,
         )
     assert torch.allclose(hidden, expected, atol=1e-5)
 

@@ -53,6 +53,13 @@ def test_kontext_edit_keeps_the_input_size(kontext):
     assert np.array_equal(pixels(output.images[0]), pixels(edit(kontext).images[0]))
 
 
+def test_kontext_edit_depends_on_the_input_image(kontext):
+    other = Image.new("RGB", SOURCE.size, (40, 40, 200))
+    first = edit(kontext, num_inference_steps=2)
+    second = run(kontext, {"prompt": "make it blue", "multi_modal_data": {"image": other}}, num_inference_steps=2)
+    assert not np.array_equal(pixels(first.images[0]), pixels(second.images[0]))
+
+
 @pytest.mark.parametrize("fixture", ["flux", "kontext"])
 def test_tea_cache_exact_when_never_skipping_and_first_last_only_when_huge(request, fixture):
     omni = request.getfixturevalue(fixture)

@@ -74,6 +74,40 @@ def test_layered_returns_the_recomposed_image_then_each_rgba_layer(layered_omni)
         edit(layered_omni, BLUE, width=32, height=32)
 
 
+def test_layered_gives_each_output_its_recomposed_image_then_the_layers_diffusers_makes(layered_omni):
+    # The pipeline returns the layers only (mis-grouped when there are several outputs); teaserve puts each
+    # output's recomposed image (frame 0 of its latents) in front of that output's layers.
+    settings = {"layers": 2, "num_inference_steps": 2, "cache_config": {"enabled": False}}
+    both = edit(layered_omni, BLUE, num_outputs_per_prompt=2, **settings)
+    alone = [edit(layered_omni, BLUE, seed=seed, **settings) for seed in both.seeds]
+
+    def same(first, second):
+        if len(first) != len(second):
+            return False
+        return all(np.abs(pixels(a) - pixels(b)).max() <= 1 for a, b in zip(first, second, strict=True))
+
+    for index, single in enumerate(alone):
+        assert same(both.images[index * 3 : (index + 1) * 3], single.images)
+        composite, *layers = single.images
+        assert not any(np.array_equal(pixels(composite), pixels(layer)) for layer in layers)
+    pipeline = tiny_qwen_pipeline("layered")  # the weights of tiny_layered, without teaserve
+    pipeline.set_progress_bar_config(disable=True)
+    expected = pipeline(
+        image=BLUE,
+        prompt="make it blue",
+        negative_prompt=" ",
+        true_cfg_scale=4.0,
+        layers=2,
+        resolution=640,
+        cfg_normalize=True,
+        use_en_prompt=True,
+        num_inference_steps=2,
+        generator=[torch.Generator().manual_seed(0)],
+    ).images[0]
+    # exactly: the tiny VAE turns some kwargs' effects (cfg_normalize) into differences of a fraction of a level
+    assert [pixels(image).tolist() for image in alone[0].images[1:]] == [pixels(image).tolist() for image in expected]
+
+
 def test_masked_edit_runs_the_inpainting_pipeline(edit_omni):
     mask = Image.new("RGBA", RED.size, (0, 0, 0, 255))
     mask.paste((0, 0, 0, 0), (0, 0, 20, 48))  # transparent left half: the area to repaint

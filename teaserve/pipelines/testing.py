@@ -40,13 +40,15 @@ def tiny_qwen_components(
     num_layers: int = 2,
     num_attention_heads: int = 3,
     vae_base_dim: int = 24,
+    vae_dim_mult: tuple[int, ...] = (1, 2, 4),
     image_channels: int = 3,
     layered: bool = False,
 ) -> dict:
     """The five components of a tiny Qwen-Image pipeline (text encoder with the real special-token ids).
 
     The defaults are diffusers' fast-test configuration; more layers and heads give a transformer-dominated
-    model for speed benchmarks.
+    model for speed benchmarks. The VAE downsamples 2x per level after the first (`vae_dim_mult` (1, 2, 4, 4)
+    downsamples 8x, as Qwen-Image's own VAE does).
     """
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -70,9 +72,9 @@ def tiny_qwen_components(
     vae = AutoencoderKLQwenImage(
         base_dim=vae_base_dim,
         z_dim=z_dim,
-        dim_mult=[1, 2, 4],
+        dim_mult=list(vae_dim_mult),
         num_res_blocks=1,
-        temperal_downsample=[False, True],
+        temperal_downsample=[False] + [True] * (len(vae_dim_mult) - 2),
         input_channels=image_channels,
         latents_mean=[0.0] * z_dim,
         latents_std=[1.0] * z_dim,
@@ -123,7 +125,7 @@ QWEN_PIPELINES = {
 def tiny_qwen_pipeline(kind: str = "t2i", *, seed: int = 0, **sizes):
     """An in-memory tiny random Qwen-Image pipeline: kind "t2i", "edit", "edit_plus" (2509) or "layered".
 
-    `sizes` go to `tiny_qwen_components` (num_layers, num_attention_heads, vae_base_dim)."""
+    `sizes` go to `tiny_qwen_components` (num_layers, num_attention_heads, vae_base_dim, vae_dim_mult)."""
     import diffusers
 
     from .qwen_processor import build_processor

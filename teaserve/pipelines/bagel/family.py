@@ -49,6 +49,8 @@ class Bagel(ModelFamily):
         return pipe.edit_size(images[0])
 
     def call_kwargs(self, pipe, inputs: PipelineInputs) -> dict[str, Any]:
+        from .pipeline import SamplingSettings
+
         return {
             "prompt": inputs.prompt,
             "image": inputs.images[0] if inputs.images else None,
@@ -56,8 +58,9 @@ class Bagel(ModelFamily):
             "width": inputs.width,
             "height": inputs.height,
             "num_inference_steps": inputs.num_inference_steps,
-            "cfg_text_scale": inputs.true_cfg_scale,
-            "cfg_img_scale": inputs.guidance_scale,
+            "sampling": SamplingSettings.for_task(
+                editing=bool(inputs.images), cfg_text_scale=inputs.true_cfg_scale, cfg_img_scale=inputs.guidance_scale
+            ),
             "generator": inputs.generators,
             "num_images_per_prompt": inputs.num_outputs,
         }

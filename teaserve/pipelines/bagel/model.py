@@ -15,6 +15,8 @@ an image enters only through the additive sin-cos tables.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +45,7 @@ class TimestepEmbedder(nn.Module):
         frequencies = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
         angles = t.float()[:, None] * frequencies[None]
         features = torch.cat([angles.cos(), angles.sin()], dim=-1)
-        return self.mlp(features.to(self.mlp[0].weight.dtype))
+        return self.mlp(features.to(next(self.mlp.parameters()).dtype))
 
 
 class MLPConnector(nn.Module):
@@ -71,6 +73,11 @@ class PositionTable(nn.Module):
 
 
 class BagelModel(nn.Module, CacheMixin):
+    # CacheMixin's methods that the pipeline calls, typed here: mypy does not read diffusers and would otherwise
+    # resolve them through nn.Module.__getattr__.
+    cache_context: Callable[[str], AbstractContextManager[None]]
+    _reset_stateful_cache: Callable[[], None]
+
     def __init__(self, config: BagelConfig):
         super().__init__()
         self.config = config

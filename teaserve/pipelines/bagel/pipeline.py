@@ -58,9 +58,10 @@ class ImageResize:
         return cls(max_side, min_side, stride, round(REFERENCE_MAX_PIXELS * (max_side / reference_max) ** 2))
 
     def _fit(self, width: float, height: float, scale: float) -> tuple[int, int]:
-        return tuple(
-            max(self.stride, round(round(side * scale) / self.stride) * self.stride) for side in (width, height)
-        )
+        def side(length: float) -> int:
+            return max(self.stride, round(round(length * scale) / self.stride) * self.stride)
+
+        return side(width), side(height)
 
     def size(self, width: int, height: int) -> tuple[int, int]:
         scale = max(min(self.max_side / max(width, height), 1.0), self.min_side / min(width, height))
@@ -92,10 +93,12 @@ class BagelFlowSchedule:
 
     sigmas: torch.Tensor | None = None
 
-    def set_timesteps(self, num_steps: int, shift: float) -> None:
+    def set_timesteps(self, num_steps: int, shift: float) -> torch.Tensor:
+        """Set and return the sigmas of a generation of `num_steps` steps."""
         # float32 throughout, like the reference, so that the CFG-interval tests on t agree to the last bit.
         uniform = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float32)
-        self.sigmas = shift * uniform / (1 + (shift - 1) * uniform)
+        self.sigmas = sigmas = shift * uniform / (1 + (shift - 1) * uniform)
+        return sigmas
 
 
 def combine_cfg(
@@ -131,6 +134,40 @@ def combine_cfg(
     if v_image_free is not None:
         guided = v_image_free + image_scale * (guided - v_image_free)
     return guided * ratio(v_full, guided, (1, 2) if renorm_type == "global" else (-1,))
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """BAGEL's sampler and guidance settings; the defaults are the reference notebook's for text to image.
+
+    `for_task(editing=True)` gives its settings for edits instead (cfg_img_scale 2.0, CFG at every step,
+    "text_channel" renorm). CFG runs at steps whose flow time t has lo < t <= hi of `cfg_interval`: text
+    guidance when cfg_text_scale > 1, image guidance when cfg_img_scale > 1, each on its own.
+    """
+
+    cfg_text_scale: float = 4.0
+    cfg_img_scale: float = 1.0
+    cfg_interval: tuple[float, float] = (0.4, 1.0)
+    cfg_renorm_type: RenormType = "global"
+    cfg_renorm_min: float = 0.0
+    timestep_shift: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.cfg_renorm_type not in RENORM_TYPES:
+            raise ValueError(f"cfg_renorm_type must be one of {', '.join(RENORM_TYPES)}, got {self.cfg_renorm_type!r}")
+
+    @classmethod
+    def for_task(cls, *, editing: bool, **settings: Any) -> SamplingSettings:
+        """The task's default settings with `settings` over them (a setting given as None keeps the default)."""
+        chosen = {name: value for name, value in settings.items() if value is not None}
+        return cls(**{**(EDIT_SETTINGS if editing else {}), **chosen})
+
+    def guides_at(self, t: float) -> bool:
+        low, high = self.cfg_interval
+        return low < t <= high
+
+
+EDIT_SETTINGS: dict[str, Any] = {"cfg_img_scale": 2.0, "cfg_interval": (0.0, 1.0), "cfg_renorm_type": "text_channel"}
 
 
 @dataclass
@@ -228,12 +265,7 @@ class BagelPipeline:
         width: int | None = None,
         height: int | None = None,
         num_inference_steps: int = 49,
-        cfg_text_scale: float = 4.0,
-        cfg_img_scale: float | None = None,
-        cfg_interval: tuple[float, float] | None = None,
-        cfg_renorm_type: RenormType | None = None,
-        cfg_renorm_min: float = 0.0,
-        timestep_shift: float = 3.0,
+        sampling: SamplingSettings | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         num_images_per_prompt: int = 1,
         callback_on_step_end: StepCallback | None = None,
@@ -241,66 +273,90 @@ class BagelPipeline:
     ) -> BagelPipelineOutput:
         """Generate `num_images_per_prompt` images (one generator each: noise is drawn on the CPU from it).
 
+        `sampling` defaults to `SamplingSettings.for_task(editing=image is not None)`. An edit's size defaults
+        to the resized input's, a generated image's to the largest the model makes.
         `callback_on_step_end(pipe, step, t, {"latents": latents})` runs after every step and may replace the
-        latents (the only tensor input offered); an exception from it cancels the generation.
-
-        Defaults are the reference notebook's: text to image uses cfg_img_scale 1.0, interval (0.4, 1.0] and
-        "global" renorm; editing uses cfg_img_scale 2.0, interval (0.0, 1.0] and "text_channel". CFG runs at
-        steps whose flow time t has lo < t <= hi. An edit's size defaults to the resized input's.
+        latents (the only tensor input offered, whatever `callback_on_step_end_tensor_inputs` asks for); an
+        exception from it cancels the generation.
         """
-        editing = image is not None
-        cfg_img_scale = (2.0 if editing else 1.0) if cfg_img_scale is None else cfg_img_scale
-        cfg_interval = ((0.0, 1.0) if editing else (0.4, 1.0)) if cfg_interval is None else cfg_interval
-        cfg_renorm_type = ("text_channel" if editing else "global") if cfg_renorm_type is None else cfg_renorm_type
-        if cfg_renorm_type not in RENORM_TYPES:
-            raise ValueError(f"cfg_renorm_type must be one of {', '.join(RENORM_TYPES)}, got {cfg_renorm_type!r}")
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        settings = sampling or SamplingSettings.for_task(editing=image is not None)
         generators = self._generators(generator, num_images_per_prompt)
-        if width is None or height is None:
-            largest = self.config.max_image_side
-            width, height = self.edit_size(image) if editing else (largest, largest)
-        self.check_size(width, height)
-
-        model = self.transformer
+        width, height = self.output_size(image, width, height)
+        # The order of the draws matters for reproducibility: an input image's VAE noise, then the initial noise.
         contexts = self.build_contexts(prompt, image, negative_prompt, generators)
         grid = (height // self.size_multiple, width // self.size_multiple)
-        noise_shape = (grid[0] * grid[1], self.config.patch_latent_dim)
-        latents = torch.stack([torch.randn(noise_shape, generator=g) for g in generators]).to(model.device)
-        self.scheduler.set_timesteps(num_inference_steps, timestep_shift)
-        sigmas = self.scheduler.sigmas.tolist()
+        latents = self.initial_noise(generators, grid)
+        latents = self.denoise(latents, contexts, grid, num_inference_steps, settings, callback_on_step_end)
+        return BagelPipelineOutput(images=self.decode(latents, width, height))
+
+    def output_size(self, image: Image.Image | None, width: int | None, height: int | None) -> tuple[int, int]:
+        if width is None or height is None:
+            largest = self.config.max_image_side
+            width, height = (largest, largest) if image is None else self.edit_size(image)
+        self.check_size(width, height)
+        return width, height
+
+    def initial_noise(self, generators: list[torch.Generator], grid: tuple[int, int]) -> torch.Tensor:
+        """Patchified noise [images, rows * columns, patch_latent_dim], drawn on the CPU like the reference's."""
+        shape = (grid[0] * grid[1], self.config.patch_latent_dim)
+        return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.transformer.device)
+
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        contexts: dict[str, KVContext | None],
+        grid: tuple[int, int],
+        num_steps: int,
+        settings: SamplingSettings,
+        callback_on_step_end: StepCallback | None = None,
+    ) -> torch.Tensor:
+        """Euler steps x <- x - v * dt from t = 1 to t = 0 on the shifted schedule; returns the final latents."""
+        sigmas = self.scheduler.set_timesteps(num_steps, settings.timestep_shift).tolist()
+        try:
+            with tqdm(total=num_steps, **self._progress_bar_config) as progress:
+                for step in range(num_steps):
+                    t = sigmas[step]
+                    velocity = self.guided_velocity(latents, t, contexts, grid, settings)
+                    latents = latents - velocity * (t - sigmas[step + 1])
+                    if callback_on_step_end is not None:
+                        latents = callback_on_step_end(self, step, t, {"latents": latents}).get("latents", latents)
+                    progress.update()
+        finally:
+            self.transformer._reset_stateful_cache()  # drop TeaCache's per-branch residuals of this request
+        return latents
+
+    def guided_velocity(
+        self,
+        latents: torch.Tensor,
+        t: float,
+        contexts: dict[str, KVContext | None],
+        grid: tuple[int, int],
+        settings: SamplingSettings,
+    ) -> torch.Tensor:
+        """One step's velocity: the branches the step needs (each in its own cache context), combined by CFG."""
+        model = self.transformer
 
         def velocity(branch: str) -> torch.Tensor:
             with model.cache_context(branch):
                 return model(latents, t, context=contexts[branch], grid=grid, markers=self.image_markers)
 
-        try:
-            with tqdm(total=num_inference_steps, **self._progress_bar_config) as progress:
-                for step in range(num_inference_steps):
-                    t = sigmas[step]
-                    guided = cfg_interval[0] < t <= cfg_interval[1]
-                    v_full = velocity("cond")
-                    v_text_free = velocity("uncond_text") if guided and cfg_text_scale > 1 else None
-                    v_image_free = None
-                    if guided and cfg_img_scale > 1:
-                        v_image_free = v_full if contexts["uncond_image"] is None else velocity("uncond_image")
-                    v = combine_cfg(
-                        v_full,
-                        v_text_free,
-                        v_image_free,
-                        text_scale=cfg_text_scale,
-                        image_scale=cfg_img_scale,
-                        renorm_type=cfg_renorm_type,
-                        renorm_min=cfg_renorm_min,
-                    )
-                    latents = latents - v * (t - sigmas[step + 1])
-                    if callback_on_step_end is not None:
-                        outputs = callback_on_step_end(self, step, t, {"latents": latents})
-                        latents = outputs.get("latents", latents)
-                    progress.update()
-        finally:
-            model._reset_stateful_cache()  # drop TeaCache's per-branch residuals of this request
-        return BagelPipelineOutput(images=self.decode(latents, width, height))
+        guided = settings.guides_at(t)
+        v_full = velocity("cond")
+        v_text_free = velocity("uncond_text") if guided and settings.cfg_text_scale > 1 else None
+        v_image_free = None
+        if guided and settings.cfg_img_scale > 1:
+            v_image_free = v_full if contexts["uncond_image"] is None else velocity("uncond_image")
+        return combine_cfg(
+            v_full,
+            v_text_free,
+            v_image_free,
+            text_scale=settings.cfg_text_scale,
+            image_scale=settings.cfg_img_scale,
+            renorm_type=settings.cfg_renorm_type,
+            renorm_min=settings.cfg_renorm_min,
+        )
 
     @staticmethod
     def _generators(generator, count: int) -> list[torch.Generator]:
