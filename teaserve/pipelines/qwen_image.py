@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from PIL import Image
 
-from .base import GenerationDefaults, ModelFamily, PipelineInputs
+from ..cache import CacheTarget, register_cache_target
+from .base import GenerationDefaults, ModelFamily, PipelineInputs, Task
 from .qwen_processor import load_processor_without_torchvision
 from .registry import register_family
 
@@ -63,7 +64,7 @@ class QwenImageEdit(QwenImage):
 
     architecture = "QwenImageEditPipeline"
     pipeline_class = "QwenImageEditPipeline"
-    task = "image-edit"
+    task: ClassVar[Task] = "image-edit"
     min_input_images = 1
     max_input_images = 1
     supports_mask = True
@@ -185,6 +186,28 @@ class QwenImageLayered(QwenImageEdit):
     def mask_pipeline(self, pipe):
         return None
 
+
+def qwen_image_gate(block: Any, arguments: dict[str, Any]) -> torch.Tensor:
+    """The image stream's first modulation in a QwenImageTransformerBlock: img_norm1(x) * (1 + scale) + shift,
+    through the block's own `_modulate` so that per-token modulation (zero_cond_t, Edit-2511) is honoured."""
+    first_modulation = block.img_mod(arguments["temb"]).chunk(2, dim=-1)[0]
+    modulated, _ = block._modulate(
+        block.img_norm1(arguments["hidden_states"]), first_modulation, arguments.get("modulate_index")
+    )
+    return modulated
+
+
+# vLLM-Omni's hand-rounded TeaCache coefficients, shared by Edit, Edit-Plus and Layered.
+QWEN_IMAGE_COEFFICIENTS = (-450.0, 280.0, -45.0, 3.2, -0.02)
+
+register_cache_target(
+    "diffusers.models.transformers.transformer_qwenimage.QwenImageTransformer2DModel",
+    CacheTarget(
+        blocks=lambda transformer: transformer.transformer_blocks,
+        gate=qwen_image_gate,
+        defaults={"tea_cache": {"coefficients": QWEN_IMAGE_COEFFICIENTS}},
+    ),
+)
 
 register_family(QwenImage())
 register_family(QwenImageEdit())
