@@ -7,8 +7,8 @@ import argparse
 from .. import __version__
 from ..cache import CACHE_BACKEND_ENV, cache_backend_names, parse_config_json
 from ..engine import DEFAULT_MAX_QUEUE_SIZE
+from ..evaluation.sweeps import CALIBRATION_STEPS, DEFAULT_THRESHOLDS, Variant
 from ..pipelines import DTYPE_CHOICES
-from .bench import DEFAULT_THRESHOLDS, Variant
 
 
 def _json_object(text: str) -> dict:
@@ -105,7 +105,6 @@ def _add_sweep_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", default=None, help="file with one prompt per line (default: built-in prompts)")
     parser.add_argument("--num-prompts", type=int, default=None, help="use only the first N prompts")
     parser.add_argument("--seeds", type=_ints, default=[0], help="comma-separated seeds")
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     parser.add_argument("--size", default=None, help="WIDTHxHEIGHT (default: the model's)")
     parser.add_argument("--true-cfg-scale", type=float, default=None)
 
@@ -113,6 +112,7 @@ def _add_sweep_flags(parser: argparse.ArgumentParser) -> None:
 def _add_bench(subparsers) -> None:
     parser = subparsers.add_parser("bench", help="measure cached against uncached speed and quality")
     _add_sweep_flags(parser)
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     parser.add_argument("--thresholds", type=_floats, default=list(DEFAULT_THRESHOLDS), help="comma-separated")
     parser.add_argument(
         "--variant",
@@ -120,7 +120,7 @@ def _add_bench(subparsers) -> None:
         action="append",
         default=None,
         metavar="NAME=JSON",
-        help="cache settings to sweep the thresholds on (repeatable; default: the server settings)",
+        help="server cache settings to sweep the thresholds on, over --cache-config (repeatable; default: those)",
     )
     parser.add_argument("--warmup", type=int, default=1, help="uncached warm-up runs, not counted")
     parser.add_argument("--json", default=None, help="also write the table as JSON here")
@@ -131,6 +131,12 @@ def _add_bench(subparsers) -> None:
 def _add_calibrate(subparsers) -> None:
     parser = subparsers.add_parser("calibrate", help="fit TeaCache's coefficients to a model")
     _add_sweep_flags(parser)
+    parser.add_argument(
+        "--steps",
+        type=_ints,
+        default=list(CALIBRATION_STEPS),
+        help=f"comma-separated step counts to record and fit over (default: {','.join(map(str, CALIBRATION_STEPS))})",
+    )
     parser.add_argument(
         "--validate",
         type=int,
