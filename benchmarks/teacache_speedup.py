@@ -23,9 +23,10 @@ import statistics
 import tempfile
 import time
 
-from teaserve.cli.bench import GENERIC_PROMPTS, format_table, run_bench
 from teaserve.cli.main import quiet_libraries
 from teaserve.engine import AsyncEngine, OmniDiffusionSamplingParams
+from teaserve.evaluation.bench import format_table, run_bench
+from teaserve.evaluation.prompts import GENERIC_PROMPTS
 from teaserve.pipelines.testing import build_tiny_qwen_image
 
 

@@ -7,8 +7,10 @@ import sys
 import pytest
 from PIL import Image
 
-from teaserve.cli.bench import PSNR_CAP_DB, Variant, psnr, run_bench, ssim
 from teaserve.engine import AsyncEngine, OmniDiffusionSamplingParams
+from teaserve.evaluation.bench import run_bench
+from teaserve.evaluation.metrics import PSNR_CAP_DB, psnr, ssim
+from teaserve.evaluation.sweeps import Variant
 
 
 def test_psnr_is_float64_and_capped():
@@ -43,6 +45,7 @@ def test_run_bench_counts_block_stack_evaluations(tiny_qwen):
     assert identity_huge.variant == "identity" and identity_huge.ideal_speedup == pytest.approx(5.0)
     assert qwen_huge.psnr_mean < PSNR_CAP_DB and 0 < qwen_huge.ssim_mean < 1
     assert uncached.transformer_seconds > 0 and qwen_huge.caption_accuracy == 1.0
+    assert engine.cache.settings == {}  # the variants' coefficients were server settings for the run only
 
 
 def test_bench_command_prints_the_table_and_writes_json(tmp_path, tiny_qwen):

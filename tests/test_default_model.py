@@ -88,7 +88,7 @@ def test_calibrate_writes_a_profile_that_tea_cache_loads(tmp_path, tiny_qwen):
             "--num-prompts",
             "2",
             "--steps",
-            "8",
+            "5,8",
             "--seeds",
             "0,1",
             "-o",
@@ -99,23 +99,52 @@ def test_calibrate_writes_a_profile_that_tea_cache_loads(tmp_path, tiny_qwen):
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    assert "R^2" in result.stdout and "branch uncond" in result.stdout
+    assert "R^2" in result.stdout and "branch uncond" in result.stdout and "8 steps" in result.stdout
     profile = json.loads(profile_path.read_text())
-    assert len(profile["coefficients"]) == 5 and profile["points"] == 2 * 2 * 2 * 7  # prompts x seeds x branches
-    assert profile["x_range"][0] <= profile["x_range"][1]
+    # prompts x seeds x branches x (steps - 1) pairs, over both step counts
+    assert profile["points"] == 2 * 2 * 2 * (4 + 7) and profile["num_inference_steps"] == [5, 8]
+    assert len(profile["coefficients"]) == 5
+    low, high = profile["x_range"]
+    assert 0 < low < high and {key: len(value["x_range"]) for key, value in profile["by_steps"].items()} == {
+        "5": 2,
+        "8": 2,
+    }
     with Omni(
         model=str(tiny_qwen), cache_backend="tea_cache", cache_config={"coefficients_file": str(profile_path)}
     ) as omni:
-        assert omni.engine.cache.config.coefficients == tuple(profile["coefficients"])
-        with pytest.raises(ValueError, match="coefficients or coefficients_file, not both"):
-            omni.generate(
-                "x",
-                OmniDiffusionSamplingParams(
-                    cache_config={"coefficients": [0, 0, 0, 1, 0], "coefficients_file": str(profile_path)}
-                ),
-            )
+        config = omni.engine.cache.config
+        assert config.coefficients == tuple(profile["coefficients"]) and config.x_range == (low, high)
+        for cache_config in ({"coefficients": [0, 0, 0, 1, 0]}, {"coefficients_file": str(profile_path)}):
+            with pytest.raises(ValueError, match="cannot be set per request"):
+                omni.generate("x", OmniDiffusionSamplingParams(cache_config=cache_config))
     with pytest.raises(ValueError, match="cannot read coefficients_file"):
         Omni(model=str(tiny_qwen), cache_backend="tea_cache", cache_config={"coefficients_file": "/nonexistent"})
+    with pytest.raises(ValueError, match="not both"):
+        Omni(
+            model=str(tiny_qwen),
+            cache_backend="tea_cache",
+            cache_config={"coefficients_file": str(profile_path), "coefficients": [0, 0, 0, 1, 0]},
+        )
+
+
+# An earlier calibration at 30 steps only, fitted on gate changes 0.034..0.148: its polynomial goes negative
+# above 0.176, so at 12 steps (changes 0.13..0.25) the largest changes once counted as none and steps were skipped.
+EARLIER_CALIBRATION = {
+    "coefficients": [-5712.29571871, 1493.11886556, -87.59693888, -0.66030614, 0.17680775],
+    "x_range": [0.034036, 0.147774],
+}
+
+
+@pytest.mark.parametrize("settings", [None, EARLIER_CALIBRATION], ids=["shipped", "earlier"])
+def test_a_threshold_near_zero_computes_every_step_at_any_step_count(settings):
+    with Omni(cache_backend="tea_cache", cache_config=settings) as omni:
+        for steps in (6, 12, 50):
+            params = OmniDiffusionSamplingParams(
+                num_inference_steps=steps, seed=0, cache_config={"rel_l1_thresh": 1e-9}
+            )
+            (output,) = omni.generate(shapes.split_scenes()[1][0].caption, params)
+            assert output.metrics.cache["skipped_steps"] == 0, steps
+            assert output.metrics.cache["computed_steps"] == 2 * steps
 
 
 # -- the shipped model --------------------------------------------------------------------------------------------

@@ -4,15 +4,29 @@ Each dummy block returns (encoder + 1, 2 * hidden), so a stack of N blocks maps 
 (2**N - 1) * x; the gate signal is the `temb` argument itself, so a test chooses the relative L1 changes exactly.
 """
 
+import itertools
+import json
+import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
 from diffusers.models.cache_utils import CacheMixin
 
-from teaserve.cache import create_cache_backend
-from teaserve.cache.teacache import TEACACHE_MODELS, BranchStats, TeaCacheConfig, TeaCacheModel, TeaCachePolicy
+from teaserve.cache import (
+    CacheSettingsError,
+    CacheTarget,
+    Rescaling,
+    TeaCacheConfig,
+    apply_teacache,
+    create_cache_backend,
+    register_cache_target,
+    remove_teacache,
+)
+from teaserve.cache.targets import _TARGETS, MAX_RELATIVE_CHANGE
+from teaserve.cache.teacache import BranchStats, TeaCachePolicy
 
 IDENTITY = (0.0, 0.0, 0.0, 1.0, 0.0)
 
@@ -27,7 +41,7 @@ class DummyTransformer(CacheMixin, torch.nn.Module):
         super().__init__()
         self.transformer_blocks = torch.nn.ModuleList(DummyBlock() for _ in range(num_blocks))
 
-    def forward(self, hidden_states, temb):
+    def forward(self, hidden_states, temb, timestep=None):
         encoder_hidden_states = torch.zeros(1)
         for block in self.transformer_blocks:
             encoder_hidden_states, hidden_states = block(
@@ -38,17 +52,22 @@ class DummyTransformer(CacheMixin, torch.nn.Module):
 
 @pytest.fixture(autouse=True)
 def dummy_registered():
+    registered = dict(_TARGETS)
     TransformerBlockRegistry.register(
         model_class=DummyBlock,
         metadata=TransformerBlockMetadata(return_hidden_states_index=1, return_encoder_hidden_states_index=0),
     )
-    TEACACHE_MODELS["DummyTransformer"] = TeaCacheModel(
-        blocks=lambda transformer: list(transformer.transformer_blocks),
-        gate=lambda block, arguments: arguments["temb"],
-        coefficients=IDENTITY,
+    register_cache_target(
+        DummyTransformer,
+        CacheTarget(
+            blocks=lambda transformer: transformer.transformer_blocks,
+            gate=lambda block, arguments: arguments["temb"],
+            defaults={"tea_cache": {"coefficients": IDENTITY}},
+        ),
     )
     yield
-    del TEACACHE_MODELS["DummyTransformer"]
+    _TARGETS.clear()
+    _TARGETS.update(registered)
 
 
 def gates_from_changes(changes):
@@ -98,13 +117,15 @@ def test_polynomial_rescales_the_change():
     assert stats["branches"]["cond"]["schedule"] == "CSSCCSC"
 
 
-def test_negative_polynomial_values_are_clamped_at_zero():
-    # f(x) = x - 0.3 is negative for every change of 0.25: nothing accumulates; each 0.5 change adds 0.2
+def test_a_polynomial_negative_at_small_changes_still_counts_every_change():
+    # f(x) = x - 0.3 has no fitted range: it is trusted where it is positive and increasing (x > 0.3); below that
+    # it falls in proportion to x, so 0.25 counts a little more than nothing and a threshold near zero computes all.
     gates = gates_from_changes([0.25, 0.25, 0.5, 0.25, 0.5, 0.25])
+    _, stats = run({"rel_l1_thresh": 1e-9, "coefficients": [0, 0, 0, 1, -0.3]}, {"cond": gates})
+    assert stats["branches"]["cond"]["schedule"] == "CCCCCCC"
     _, stats = run({"rel_l1_thresh": 0.3, "coefficients": [0, 0, 0, 1, -0.3]}, {"cond": gates})
-    branch = stats["branches"]["cond"]
-    assert branch["accumulated"] == pytest.approx([0.0, 0.0, 0.0, 0.2, 0.2, 0.4, 0.0])
-    assert branch["schedule"] == "CSSSSCC"
+    accumulated = stats["branches"]["cond"]["accumulated"]
+    assert 0 < accumulated[1] < accumulated[2] < 0.001 and accumulated[3] == pytest.approx(accumulated[2] + 0.2)
 
 
 def test_first_and_last_steps_are_always_computed():
@@ -141,7 +162,7 @@ def test_request_overrides_and_disabling():
 
 
 def test_policy_unit_without_hooks():
-    policy = TeaCachePolicy(TeaCacheConfig(rel_l1_thresh=0.3), coefficients=IDENTITY)
+    policy = TeaCachePolicy(Rescaling(IDENTITY), rel_l1_thresh=0.3)
     stats = BranchStats()
     decisions = [policy.should_compute(r, i, 5, stats) for i, r in enumerate([None, 0.1, 0.1, 0.2, 0.1])]
     assert decisions == [True, False, False, True, True]
@@ -150,13 +171,23 @@ def test_policy_unit_without_hooks():
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        ({"rel_l1_thresh": 0}, r"rel_l1_thresh must be a number > 0"),
-        ({"rel_l1_thresh": "0.2"}, r"rel_l1_thresh must be a number > 0"),
+        ({"rel_l1_thresh": 0}, r"rel_l1_thresh must be a number in \(0, 1e\+09\]"),
+        ({"rel_l1_thresh": "0.2"}, r"rel_l1_thresh must be a number in"),
+        ({"rel_l1_thresh": 10**400}, r"rel_l1_thresh must be a number in"),
+        ({"rel_l1_thresh": 1e308}, r"rel_l1_thresh must be a number in"),
+        ({"rel_l1_thresh": math.nan}, r"rel_l1_thresh must be a number in"),
         ({"coefficients": [1, 2, 3]}, r"coefficients must be a list of 5 numbers"),
-        ({"max_consecutive_skips": 0}, r"max_consecutive_skips must be an integer >= 1"),
+        ({"coefficients": [1e308] * 5}, r"coefficients must be numbers in \[-1e\+09, 1e\+09\]"),
+        ({"coefficients": [10**400] * 5}, r"coefficients must be numbers in"),
+        ({"coefficients": [0, 0, 0, 0, -1]}, r"not positive and increasing anywhere"),
+        ({"coefficients": IDENTITY, "x_range": [0.5, 0.1]}, r"x_range must be \[low, high\]"),
+        ({"coefficients": [0, 0, 0, 1, -0.3], "x_range": [0.1, 0.5]}, r"must be positive over their x_range"),
+        ({"x_range": [0.1, 0.5]}, r"give it together with coefficients"),
+        ({"max_consecutive_skips": 0}, r"max_consecutive_skips must be an integer in \[1, 10000\]"),
+        ({"max_consecutive_skips": 10**400}, r"max_consecutive_skips must be an integer"),
         (
             {"threshold": 0.2},
-            r"unknown tea_cache setting\(s\) \['threshold'\]; valid keys: rel_l1_thresh, coefficients",
+            r"unknown tea_cache setting\(s\) \['threshold'\]; valid keys: rel_l1_thresh, coefficients, x_range",
         ),
     ],
 )
@@ -165,20 +196,132 @@ def test_bad_config_names_the_valid_keys(config, message):
         create_cache_backend("tea_cache", config)
 
 
-def test_bad_overrides_are_refused():
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"coefficients": [0, 0, 0, 1, 0]},
+        {"coefficients_file": "/etc/passwd"},
+        {"x_range": [0, 1]},
+        {"thresh": 1},
+    ],
+)
+def test_a_request_may_set_only_the_threshold_the_skip_limit_and_enabled(overrides):
     backend = create_cache_backend("tea_cache", {})
-    with pytest.raises(ValueError, match=r"valid keys: enabled, rel_l1_thresh"):
-        backend.check_overrides({"thresh": 1})
-    with pytest.raises(ValueError, match=r"'enabled' must be true or false"):
-        backend.check_overrides({"enabled": "no"})
+    with pytest.raises(CacheSettingsError) as error:
+        backend.check_overrides(overrides)
+    message = str(error.value)
+    assert error.value.param == "cache_config"
+    assert "valid keys for a request: enabled, rel_l1_thresh, max_consecutive_skips" in message
+    assert "/etc" not in message and "passwd" not in message
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"enabled": "no"}, r"'enabled' must be true or false"),
+        ({"rel_l1_thresh": 10**400}, r"cache_config: rel_l1_thresh must be a number in"),
+        ({"rel_l1_thresh": -1}, r"cache_config: rel_l1_thresh must be a number in"),
+        ({"max_consecutive_skips": 2.5}, r"cache_config: max_consecutive_skips must be an integer"),
+    ],
+)
+def test_bad_request_values_are_refused_without_echoing_long_input(overrides, message):
+    backend = create_cache_backend("tea_cache", {})
+    with pytest.raises(CacheSettingsError, match=message):
+        backend.check_overrides(overrides)
+    with pytest.raises(CacheSettingsError, match=r"got 'x{36}\.\.\.$"):
+        backend.check_overrides({"rel_l1_thresh": "x" * 10_000})
+
+
+# -- the rescaling polynomial outside its range -----------------------------------------------------------------
+FITTED = (-5712.29571871, 1493.11886556, -87.59693888, -0.66030614, 0.17680775)  # goes negative above x = 0.176
+FITTED_RANGE = (0.034, 0.148)
+
+
+def test_the_polynomial_is_used_inside_its_range_only():
+    rescale = Rescaling(FITTED, FITTED_RANGE)
+    for x in np.linspace(*FITTED_RANGE, 50):
+        assert rescale(x) == pytest.approx(np.polyval(FITTED, x), rel=1e-12)
+    end = rescale(FITTED_RANGE[1])
+    beyond = [rescale(x) for x in (0.16, 0.2, 0.25, 1.0, 1e3)]
+    assert end < beyond[0] and beyond == sorted(beyond) and len(set(beyond)) == len(beyond)
+    assert np.polyval(FITTED, 0.25) < 0 < rescale(0.25)  # the raw polynomial would count this change as none
+    smallest = min(rescale(x) for x in np.linspace(*FITTED_RANGE, 200))
+    below = [rescale(x) for x in (1e-6, 0.001, 0.01, 0.03)]
+    assert 0 < below[0] < below[1] < below[2] < below[3] <= smallest
+    assert rescale(0.0) == 0.0
+
+
+@pytest.mark.parametrize("family", ["qwen_image", "flux", "bagel"])
+def test_built_in_coefficients_never_count_a_larger_change_as_smaller(family):
+    from teaserve.pipelines import bagel, flux, qwen_image
+
+    module = {"qwen_image": qwen_image, "flux": flux, "bagel": bagel.family}[family]
+    (coefficients,) = (value for name, value in vars(module).items() if name.endswith("_COEFFICIENTS"))
+    rescale = Rescaling(coefficients)
+    values = [rescale(x) for x in np.linspace(1e-6, 2.0, 20_001)]
+    assert all(value > 0 for value in values)
+    assert all(later >= earlier for earlier, later in itertools.pairwise(values))
+    low, high = rescale.trusted
+    inside = np.linspace(low, high, 100)
+    assert [rescale(x) for x in inside] == pytest.approx(list(np.polyval(coefficients, inside)))
+
+
+def test_statistics_stay_finite_when_the_gate_blows_up():
+    gates = [1.0, 2.0, math.inf, 3.0, 1e300, 4.0]
+    _, stats = run({"rel_l1_thresh": 1e9, "coefficients": [1e9, 1e9, 1e9, 1e9, 1e9]}, {"cond": gates})
+    json.dumps(stats, allow_nan=False)  # a JSON response or SSE event can carry it
+    assert stats["branches"]["cond"]["rel_l1"][2:5] == [MAX_RELATIVE_CHANGE] * 3
+
+
+# -- apply_teacache without an engine -------------------------------------------------------------------------------
+def test_apply_teacache_counts_steps_per_branch_and_forces_the_last():
+    transformer = DummyTransformer(2)
+    config = TeaCacheConfig(rel_l1_thresh=1e9, coefficients=IDENTITY)
+    teacache = apply_teacache(transformer, config, num_inference_steps=5)
+    with pytest.raises(ValueError, match="already applied"):
+        apply_teacache(transformer, config)
+    for _ in range(2):  # two pipeline calls: diffusers resets the hooks' state after each
+        for step in range(5):
+            with transformer.cache_context("cond"):
+                transformer(hidden_states=torch.tensor([1.0]), temb=torch.tensor([1.0 + step]))
+        assert teacache.stats()["branches"]["cond"]["schedule"] == "CSSSC"
+        transformer._reset_stateful_cache()
+    remove_teacache(transformer)
+    assert transformer(hidden_states=torch.tensor([1.0]), temb=torch.tensor([1.0])).item() == 4.0
+
+
+def test_calls_outside_cache_context_are_named_by_their_order_in_the_step():
+    transformer = DummyTransformer(2)
+    teacache = apply_teacache(transformer, TeaCacheConfig(rel_l1_thresh=0.6, coefficients=IDENTITY))
+    cond, uncond = gates_from_changes([0.25] * 4), gates_from_changes([0.5] * 4)
+    for step in range(5):
+        for gates in (cond, uncond):
+            timestep = torch.tensor([1000.0 - step])
+            transformer(hidden_states=torch.tensor([1.0]), temb=torch.tensor([gates[step]]), timestep=timestep)
+    schedules = {name: branch["schedule"] for name, branch in teacache.stats()["branches"].items()}
+    assert schedules == {"cond": "CSSCS", "uncond": "CSCSC"}  # no step count given: the last is not forced
 
 
 def test_unsupported_transformer_fails_at_apply():
+    import teaserve.pipelines  # noqa: F401  (registers the families' targets)
+
     class OtherTransformer(torch.nn.Module):
         pass
 
     backend = create_cache_backend("tea_cache", {})
     with pytest.raises(
-        ValueError, match=r"does not support transformer OtherTransformer; supported transformers: .*Qwen"
+        ValueError,
+        match=r"no cache target is registered for transformer OtherTransformer; registered transformers: .*Qwen",
     ):
         backend.apply(SimpleNamespace(transformer=OtherTransformer()))
+
+
+def test_a_subclass_finds_its_base_class_target_and_a_target_without_coefficients_needs_them():
+    class Derived(DummyTransformer):
+        pass
+
+    assert apply_teacache(Derived(1)).clock.rescaling.coefficients == IDENTITY
+    register_cache_target(Derived, CacheTarget(blocks=lambda t: t.transformer_blocks, gate=lambda b, a: a["temb"]))
+    with pytest.raises(ValueError, match="tea_cache has no coefficients for transformer Derived"):
+        apply_teacache(Derived(1))
+    assert apply_teacache(Derived(1), TeaCacheConfig(coefficients=[0, 0, 1, 0, 0])).clock.rescaling(0.5) == 0.25

@@ -1,12 +1,18 @@
-"""Step-caching backends, selected by name: "none", "tea_cache"."""
+"""Step-caching backends, selected by name ("none", "tea_cache"), on the cache targets model families declare.
+
+A backend is one file with its config, hooks and an `apply_*` function; it learns what it needs about a
+transformer from the `CacheTarget` registered for the transformer's class, so it works on every declared model.
+"""
 
 from __future__ import annotations
 
 import os
 from typing import Any
 
-from .base import CacheBackend, NoCache, parse_config, parse_config_json
-from .teacache import TeaCacheBackend, TeaCacheConfig
+from .base import CacheBackend, CacheSettingsError, NoCache, parse_config, parse_config_json
+from .calibration import GateRecorder, record_gate_changes
+from .targets import CacheTarget, cache_target_for, register_cache_target, registered_transformers
+from .teacache import Rescaling, TeaCache, TeaCacheBackend, TeaCacheConfig, apply_teacache, remove_teacache
 
 CACHE_BACKEND_ENV = "DIFFUSION_CACHE_BACKEND"
 
@@ -35,12 +41,23 @@ __all__ = [
     "CACHE_BACKENDS",
     "CACHE_BACKEND_ENV",
     "CacheBackend",
+    "CacheSettingsError",
+    "CacheTarget",
+    "GateRecorder",
     "NoCache",
+    "Rescaling",
+    "TeaCache",
     "TeaCacheBackend",
     "TeaCacheConfig",
+    "apply_teacache",
     "cache_backend_names",
+    "cache_target_for",
     "create_cache_backend",
     "parse_config",
     "parse_config_json",
+    "record_gate_changes",
+    "register_cache_target",
+    "registered_transformers",
+    "remove_teacache",
     "resolve_backend_name",
 ]

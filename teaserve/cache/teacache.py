@@ -8,8 +8,12 @@ the whole block stack, adding the residual (stack output minus stack input) of t
 Three hooks carry it out, as in diffusers' own caches: the head hook on the first block computes the gate
 signal and decides; middle hooks pass their inputs through on a skipped step; the tail hook on the last block
 stores the residual. Each `cache_context` ("cond", "uncond", ...) under which the pipeline calls the
-transformer gets its own state through diffusers' StateManager, so CFG branches never mix. The step index and
-the step count come from the engine (`begin_request`, `set_step`), never from counting forwards.
+transformer gets its own state through diffusers' StateManager, so CFG branches never mix. What differs per
+model (block stack, gate, coefficients) comes from the transformer's registered `CacheTarget`.
+
+`apply_teacache(transformer, TeaCacheConfig(...))` attaches it to any transformer with a target; the
+`tea_cache` backend does the same for the engine, which also tells it the step index and step count of each
+request (`begin_request`, `set_step`) instead of having them counted from forwards.
 """
 
 from __future__ import annotations
@@ -17,87 +21,243 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
-import math
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
-from diffusers.hooks._helpers import TransformerBlockRegistry
 from diffusers.hooks.hooks import BaseState, StateManager
 
-from .base import CacheBackend, parse_config
+from .base import CacheBackend, CacheSettingsError, check_request_keys, parse_config, short_repr
+from .targets import BlockIO, CacheTarget, CallOrderBranches, Gate, bound_arguments, cache_target_for, relative_l1
 
+NAME = "tea_cache"
 HEAD_HOOK = "teaserve_teacache_head"
 BLOCK_HOOK = "teaserve_teacache_block"
+BRANCH_HOOK = "teaserve_teacache_branches"
 
-Gate = Callable[[torch.nn.Module, dict[str, Any]], torch.Tensor]
+# -- bounds: every number a setting can carry is finite and bounded, so every statistic is too ----------------
+MAX_REL_L1_THRESH = 1e9
+"""A threshold this high skips every step but the first and the last."""
+MAX_CONSECUTIVE_SKIPS = 10_000
+MAX_COEFFICIENT = 1e9
+MAX_GATE_CHANGE = 1e3
+"""Largest end of a fitted gate-change range."""
+DERIVED_RANGE_END = 1.0
+"""Coefficients without a fitted range are trusted at most on (0, this]."""
+MAX_PROFILE_BYTES = 1 << 20
+
+REQUEST_KEYS = ("enabled", "rel_l1_thresh", "max_consecutive_skips")
+COEFFICIENT_KEYS = ("coefficients", "x_range", "coefficients_file")
+"""Settings that describe one rescaling polynomial; a layer of settings that has any of them replaces them all."""
 
 
-# -- configuration -----------------------------------------------------------------------------------------
-def _is_finite_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def check_threshold(value: Any) -> float:
+    # Comparisons (not float()) so that 10**400 and NaN are refused instead of overflowing or slipping through.
+    if not _is_number(value) or not 0 < value <= MAX_REL_L1_THRESH:
+        raise ValueError(f"rel_l1_thresh must be a number in (0, {MAX_REL_L1_THRESH:g}], got {short_repr(value)}")
+    return float(value)
+
+
+def check_max_consecutive_skips(value: Any) -> int | None:
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CONSECUTIVE_SKIPS
+    ):
+        raise ValueError(
+            f"max_consecutive_skips must be an integer in [1, {MAX_CONSECUTIVE_SKIPS}] (or null for unlimited), "
+            f"got {short_repr(value)}"
+        )
+    return value
+
+
+def check_coefficients(value: Any) -> tuple[float, ...]:
+    if not isinstance(value, list | tuple) or len(value) != 5:
+        raise ValueError(f"coefficients must be a list of 5 numbers, highest power first, got {short_repr(value)}")
+    if not all(_is_number(c) and -MAX_COEFFICIENT <= c <= MAX_COEFFICIENT for c in value):
+        raise ValueError(f"coefficients must be numbers in [-{MAX_COEFFICIENT:g}, {MAX_COEFFICIENT:g}]")
+    return tuple(float(c) for c in value)
+
+
+def check_x_range(value: Any) -> tuple[float, float]:
+    if (
+        not isinstance(value, list | tuple)
+        or len(value) != 2
+        or not all(_is_number(end) and 0 <= end <= MAX_GATE_CHANGE for end in value)
+        or not value[0] < value[1]
+    ):
+        raise ValueError(
+            f"x_range must be [low, high] with 0 <= low < high <= {MAX_GATE_CHANGE:g} (the gate changes the "
+            f"coefficients were fitted on), got {short_repr(value)}"
+        )
+    return float(value[0]), float(value[1])
+
+
+# -- the rescaling polynomial ------------------------------------------------------------------------------------
+def _polynomial(coefficients: Sequence[float], x: float) -> float:
+    value = 0.0
+    for coefficient in coefficients:
+        value = value * x + coefficient
+    return value
+
+
+def derived_range(coefficients: Sequence[float]) -> tuple[float, float]:
+    """For coefficients without a fitted range: the longest stretch of (0, DERIVED_RANGE_END] on which the
+    polynomial is positive and non-decreasing (sampled finely), the only place it can be trusted blindly."""
+    x = np.linspace(0.0, DERIVED_RANGE_END, 4097)[1:]
+    values = np.polyval(coefficients, x)
+    usable = values > 0
+    best, start = (0, 0), None
+    for index in range(len(x)):
+        extends = start is not None and usable[index] and values[index] >= values[index - 1]
+        if not extends:
+            start = index if usable[index] else None
+        if start is not None and index - start > best[1] - best[0]:
+            best = (start, index)
+    if best[1] == best[0]:
+        raise ValueError(
+            f"coefficients {list(coefficients)} are not positive and increasing anywhere in "
+            f"(0, {DERIVED_RANGE_END:g}]; give the x_range they were fitted on"
+        )
+    return float(x[best[0]]), float(x[best[1]])
+
+
+@dataclass(frozen=True)
+class Rescaling:
+    """Gate change x -> estimated output change, with the polynomial trusted only on the range it was fitted on.
+
+    Inside `x_range` it is the polynomial. Above the range it continues linearly from the range's end with a
+    positive slope (the polynomial's, or the end value's ratio to x if that is larger), so a larger change never
+    counts as a smaller one. Below the range it falls in proportion to x from the smallest value in the range, so
+    it never goes negative nor counts more than a change in the range. So it is positive for every x > 0: a
+    threshold near zero computes every step. Without a fitted range, `derived_range` gives the trusted one.
+    """
+
+    coefficients: tuple[float, ...]
+    x_range: tuple[float, float] | None = None
+    trusted: tuple[float, float] = field(init=False)
+    """The range the polynomial is used on: `x_range`, or the derived one."""
+    _floor: float = field(init=False, repr=False)
+    _end_value: float = field(init=False, repr=False)
+    _slope: float = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        coefficients = check_coefficients(self.coefficients)
+        x_range = None if self.x_range is None else check_x_range(self.x_range)
+        low, high = x_range or derived_range(coefficients)
+        values = np.polyval(coefficients, np.linspace(low, high, 1025))
+        if not (values > 0).all():
+            raise ValueError(
+                f"coefficients {list(coefficients)} must be positive over their x_range [{low:g}, {high:g}] "
+                f"(their smallest value there is {values.min():.4g})"
+            )
+        end_value = float(values[-1])
+        derivative = _polynomial([float(c) for c in np.polyder(coefficients)], high)
+        for name, value in (
+            ("coefficients", coefficients),
+            ("x_range", x_range),
+            ("trusted", (low, high)),
+            ("_floor", float(values.min())),
+            ("_end_value", end_value),
+            ("_slope", max(derivative, end_value / high)),
+        ):
+            object.__setattr__(self, name, value)
+
+    def __call__(self, x: float) -> float:
+        low, high = self.trusted
+        if not x > 0:
+            return 0.0
+        if x < low:
+            return self._floor * x / low
+        if x <= high:
+            return max(_polynomial(self.coefficients, x), self._floor)
+        return self._end_value + self._slope * (x - high)
+
+
+# -- configuration -----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TeaCacheConfig:
     """TeaCache settings.
 
-    rel_l1_thresh: skip while the accumulated rescaled change stays below this (> 0; larger = faster).
-    coefficients: the rescaling polynomial, 5 numbers, highest power first; None = the model's built-in ones.
-    coefficients_file: a profile written by `teaserve calibrate` to take the coefficients from (instead of
-        `coefficients`).
+    rel_l1_thresh: skip while the accumulated rescaled change stays below this (larger = faster), in (0, 1e9].
+    coefficients: the rescaling polynomial, 5 numbers, highest power first; None = the transformer's built-in ones.
+    x_range: the gate changes [low, high] the coefficients were fitted on (`teaserve calibrate` records it);
+        None = derived from the polynomial (see `Rescaling`).
     max_consecutive_skips: computed at least every this many + 1 steps; None = unlimited (the original rule).
+
+    `TeaCacheConfig.from_profile(path)` takes coefficients and range from a profile written by `teaserve calibrate`.
     """
 
     rel_l1_thresh: float = 0.2
-    coefficients: tuple[float, ...] | None = None
-    coefficients_file: str | None = None
+    coefficients: Sequence[float] | None = None
+    x_range: Sequence[float] | None = None
     max_consecutive_skips: int | None = None
+    rescaling: Rescaling | None = field(init=False, repr=False, compare=False)
+    """The coefficients' rescaling, when coefficients are given."""
 
     def __post_init__(self) -> None:
-        thresh = self.rel_l1_thresh
-        if not _is_finite_number(thresh) or thresh <= 0:
-            raise ValueError(f"rel_l1_thresh must be a number > 0, got {thresh!r}")
-        if self.coefficients_file is not None:
-            if self.coefficients is not None:
-                raise ValueError("give coefficients or coefficients_file, not both")
-            object.__setattr__(self, "coefficients", read_coefficients_file(self.coefficients_file))
+        object.__setattr__(self, "rel_l1_thresh", check_threshold(self.rel_l1_thresh))
+        check_max_consecutive_skips(self.max_consecutive_skips)
+        rescaling = None
         if self.coefficients is not None:
-            coefficients = self.coefficients
-            if not isinstance(coefficients, list | tuple) or len(coefficients) != 5:
-                raise ValueError(f"coefficients must be a list of 5 numbers, highest power first, got {coefficients!r}")
-            if not all(
-                isinstance(c, int | float) and not isinstance(c, bool) and math.isfinite(c) for c in coefficients
-            ):
-                raise ValueError(f"coefficients must be finite numbers, got {coefficients!r}")
-            object.__setattr__(self, "coefficients", tuple(float(c) for c in coefficients))
-        skips = self.max_consecutive_skips
-        if skips is not None and (isinstance(skips, bool) or not isinstance(skips, int) or skips < 1):
-            raise ValueError(f"max_consecutive_skips must be an integer >= 1 (or null for unlimited), got {skips!r}")
+            x_range = None if self.x_range is None else check_x_range(self.x_range)
+            rescaling = Rescaling(check_coefficients(self.coefficients), x_range)
+            object.__setattr__(self, "coefficients", rescaling.coefficients)
+            object.__setattr__(self, "x_range", rescaling.x_range)
+        elif self.x_range is not None:
+            raise ValueError("x_range describes coefficients: give it together with coefficients")
+        object.__setattr__(self, "rescaling", rescaling)
+
+    @classmethod
+    def from_profile(cls, path: str | Path, **settings: Any) -> TeaCacheConfig:
+        """The coefficients and fitted range of a `teaserve calibrate` profile, with `settings` for the rest."""
+        coefficients, x_range = read_profile(path)
+        return cls(coefficients=coefficients, x_range=x_range, **settings)
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any] | None) -> TeaCacheConfig:
+        """Server settings (a JSON object): the fields, or `coefficients_file` in place of coefficients + x_range."""
+        settings = dict(settings or {})
+        path = settings.pop("coefficients_file", None)
+        if path is not None:
+            if "coefficients" in settings or "x_range" in settings:
+                raise ValueError("give coefficients (and x_range) or coefficients_file, not both")
+            if not isinstance(path, str):
+                raise ValueError(f"coefficients_file must be a path, got {short_repr(path)}")
+            parse_config(cls, settings, what=NAME, extra_keys=("coefficients_file",))  # report bad keys first
+            settings["coefficients"], settings["x_range"] = read_profile(path)
+        return parse_config(cls, settings, what=NAME, extra_keys=("coefficients_file",))
 
 
-OVERRIDE_KEYS = ("enabled", *(f.name for f in dataclasses.fields(TeaCacheConfig)))
-COEFFICIENT_KEYS = ("coefficients", "coefficients_file")
-
-
-def read_coefficients_file(path: str | Path) -> list[float]:
-    """The coefficients of a calibration profile (JSON with a "coefficients" list)."""
+def read_profile(path: str | Path) -> tuple[Any, Any]:
+    """(coefficients, x_range or None) of a calibration profile: a small JSON file with a "coefficients" list."""
+    path = Path(path)
     try:
-        profile = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"cannot read coefficients_file {str(path)!r}: {error}") from None
+        if not path.is_file():  # not a FIFO or a device that a read would hang on or never finish
+            raise OSError("not a regular file")
+        with path.open("rb") as file:
+            data = file.read(MAX_PROFILE_BYTES + 1)
+    except OSError as error:
+        raise ValueError(f"cannot read coefficients_file {str(path)!r}: {error.strerror or error}") from None
+    if len(data) > MAX_PROFILE_BYTES:
+        raise ValueError(f"coefficients_file {str(path)!r} is larger than {MAX_PROFILE_BYTES} bytes")
+    try:
+        profile = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError(f"coefficients_file {str(path)!r} is not JSON (write it with teaserve calibrate)") from None
     if not isinstance(profile, dict) or "coefficients" not in profile:
-        raise ValueError(
-            f'coefficients_file {str(path)!r} has no "coefficients" list (write it with teaserve calibrate)'
-        )
-    return profile["coefficients"]
+        raise ValueError(f'coefficients_file {str(path)!r} has no "coefficients" (write it with teaserve calibrate)')
+    return profile["coefficients"], profile.get("x_range")
 
 
 def layered_settings(*layers: dict[str, Any] | None) -> dict[str, Any]:
-    """Later settings over earlier ones; `coefficients` and `coefficients_file` replace each other as one setting."""
+    """Later settings over earlier ones; the coefficient settings (COEFFICIENT_KEYS) replace each other as one."""
     merged: dict[str, Any] = {}
     for layer in layers:
         layer = layer or {}
@@ -108,85 +268,33 @@ def layered_settings(*layers: dict[str, Any] | None) -> dict[str, Any]:
     return merged
 
 
-# -- per-transformer knowledge -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TeaCacheModel:
-    """What TeaCache needs to know about one transformer class: its block stack, gate and coefficients."""
-
-    blocks: Callable[[torch.nn.Module], list[torch.nn.Module]]
-    gate: Gate
-    """The timestep-modulated input of the first block, from that block's (bound) call arguments."""
-    coefficients: tuple[float, ...]
-
-
-def qwen_image_gate(block: torch.nn.Module, arguments: dict[str, Any]) -> torch.Tensor:
-    # The first modulation of QwenImageTransformerBlock: img_norm1(x) * (1 + scale) + shift, through the block's
-    # own `_modulate` so that per-token modulation (zero_cond_t, Edit-2511) is honoured.
-    first_modulation = block.img_mod(arguments["temb"]).chunk(2, dim=-1)[0]
-    modulated, _ = block._modulate(
-        block.img_norm1(arguments["hidden_states"]), first_modulation, arguments.get("modulate_index")
-    )
-    return modulated
-
-
-def flux_gate(block: torch.nn.Module, arguments: dict[str, Any]) -> torch.Tensor:
-    # The first double-stream block's AdaLayerNormZero output: norm(x) * (1 + scale_msa) + shift_msa.
-    return block.norm1(arguments["hidden_states"], emb=arguments["temb"])[0]
-
-
-QWEN_IMAGE_COEFFICIENTS = (-450.0, 280.0, -45.0, 3.2, -0.02)
-FLUX_COEFFICIENTS = (498.651651, -283.781631, 55.8554382, -3.82021401, 0.264230861)
-
-
-def bagel_gate(block: torch.nn.Module, arguments: dict[str, Any]) -> torch.Tensor:
-    # BAGEL has no adaLN: the flow time is added to the latent tokens, so the packed generation block entering
-    # the first MoT layer (markers + latent tokens) is the timestep-dependent signal, as in vLLM-Omni.
-    return arguments["hidden_states"]
-
-
-BAGEL_COEFFICIENTS = (1.33313129e6, -1.68644226e5, 7.95050740e3, -1.63747873e2, 1.26352397)
-
-TEACACHE_MODELS: dict[str, TeaCacheModel] = {
-    "QwenImageTransformer2DModel": TeaCacheModel(
-        blocks=lambda transformer: list(transformer.transformer_blocks),
-        gate=qwen_image_gate,
-        coefficients=QWEN_IMAGE_COEFFICIENTS,
-    ),
-    # Flux runs its double-stream blocks, then its single-stream ones; both take and return
-    # (encoder_hidden_states, hidden_states), so the stack spans both lists.
-    "FluxTransformer2DModel": TeaCacheModel(
-        blocks=lambda transformer: [*transformer.transformer_blocks, *transformer.single_transformer_blocks],
-        gate=flux_gate,
-        coefficients=FLUX_COEFFICIENTS,
-    ),
-    "BagelModel": TeaCacheModel(
-        blocks=lambda model: list(model.language_model.model.layers),
-        gate=bagel_gate,
-        coefficients=BAGEL_COEFFICIENTS,
-    ),
-}
-
-
-def teacache_model_for(transformer: torch.nn.Module) -> TeaCacheModel:
-    name = type(transformer).__name__
+def request_settings(overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """Validated per-request overrides: only REQUEST_KEYS, no I/O; errors are CacheSettingsError."""
+    overrides = check_request_keys(overrides, REQUEST_KEYS, NAME)
     try:
-        return TEACACHE_MODELS[name]
-    except KeyError:
-        supported = ", ".join(sorted(TEACACHE_MODELS))
+        if "rel_l1_thresh" in overrides:
+            check_threshold(overrides["rel_l1_thresh"])
+        if "max_consecutive_skips" in overrides:
+            check_max_consecutive_skips(overrides["max_consecutive_skips"])
+    except ValueError as error:
+        raise CacheSettingsError(f"cache_config: {error}") from None
+    return overrides
+
+
+def target_rescaling(config: TeaCacheConfig, target: CacheTarget, transformer: torch.nn.Module) -> Rescaling:
+    """The config's coefficients, else the ones the transformer's target recommends."""
+    if config.rescaling is not None:
+        return config.rescaling
+    recommended = target.defaults.get(NAME, {})
+    if "coefficients" not in recommended:
         raise ValueError(
-            f"tea_cache does not support transformer {name}; supported transformers: {supported}"
-        ) from None
+            f"tea_cache has no coefficients for transformer {type(transformer).__name__}: fit them with "
+            "`teaserve calibrate` and pass them as coefficients (or coefficients_file)"
+        )
+    return Rescaling(tuple(recommended["coefficients"]), recommended.get("x_range"))
 
 
-# -- the decision rule ----------------------------------------------------------------------------------------
-def rescale(coefficients: tuple[float, ...], rel_l1: float) -> float:
-    """The polynomial (highest power first) at `rel_l1`, clamped at 0 so that the sum never decreases."""
-    value = 0.0
-    for coefficient in coefficients:
-        value = value * rel_l1 + coefficient
-    return max(0.0, value)
-
-
+# -- the decision rule -------------------------------------------------------------------------------------------
 @dataclass
 class BranchStats:
     """What happened to one CFG branch during one request."""
@@ -196,35 +304,31 @@ class BranchStats:
     schedule: str = ""
     """One letter per step: C computed, S skipped."""
     rel_l1: list[float | None] = field(default_factory=list)
-    """Relative L1 change of the gate signal at each step (None at the first)."""
+    """Relative L1 change of the gate signal at each step (None where there is nothing to compare with)."""
     accumulated: list[float] = field(default_factory=list)
     """The accumulated rescaled change compared with the threshold at each step (0 where forced)."""
-    output_rel_l1: list[float | None] = field(default_factory=list)
-    """Relative L1 change of the block stack's output at each computed step, when recording for calibration."""
 
 
 @dataclass
 class TeaCachePolicy:
     """The TeaCache rule for one branch: first and last step computed, skip while the sum stays below thresh."""
 
-    config: TeaCacheConfig
-    coefficients: tuple[float, ...]
+    rescaling: Rescaling
+    rel_l1_thresh: float
+    max_consecutive_skips: int | None = None
     accumulated: float = 0.0
     consecutive_skips: int = 0
 
-    def should_compute(
-        self, rel_l1: float | None, step_index: int, num_steps: int, stats: BranchStats, force: bool = False
-    ) -> bool:
-        forced = force or rel_l1 is None or step_index <= 0 or step_index >= num_steps - 1
-        if forced:
+    def should_compute(self, rel_l1: float | None, step_index: int, num_steps: int | None, stats: BranchStats) -> bool:
+        last = num_steps is not None and step_index >= num_steps - 1
+        forced = rel_l1 is None or step_index <= 0 or last
+        if rel_l1 is None or forced:
             self.accumulated = 0.0
         else:
-            self.accumulated += rescale(self.coefficients, rel_l1)
-        limit = self.config.max_consecutive_skips
+            self.accumulated += self.rescaling(rel_l1)
+        limit = self.max_consecutive_skips
         skip = (
-            not forced
-            and self.accumulated < self.config.rel_l1_thresh
-            and (limit is None or self.consecutive_skips < limit)
+            not forced and self.accumulated < self.rel_l1_thresh and (limit is None or self.consecutive_skips < limit)
         )
         stats.rel_l1.append(rel_l1)
         stats.accumulated.append(self.accumulated)
@@ -240,19 +344,20 @@ class TeaCachePolicy:
         return not skip
 
 
-# -- hooks ------------------------------------------------------------------------------------------------------
+# -- hooks -------------------------------------------------------------------------------------------------------
 @dataclass
 class RequestClock:
-    """Shared by the backend and its hooks: where the current request is."""
+    """Shared by a TeaCache and its hooks: the settings and the position of the current request."""
 
-    config: TeaCacheConfig
-    coefficients: tuple[float, ...]
+    rescaling: Rescaling
+    rel_l1_thresh: float
+    max_consecutive_skips: int | None
     enabled: bool = True
-    num_steps: int = 0
-    step_index: int = 0
+    num_steps: int | None = None
+    """None: unknown, so no last step is forced."""
+    step_index: int | None = None
+    """None: not driven by an engine; each branch counts its own calls since the pipeline's last reset."""
     branches: dict[str, BranchStats] = field(default_factory=dict)
-    record_outputs: bool = False
-    """Calibration: also record how much the block stack's output changes from step to step."""
 
 
 class BranchState(BaseState):
@@ -261,66 +366,21 @@ class BranchState(BaseState):
 
     def reset(self, *args, **kwargs) -> None:
         self.policy: TeaCachePolicy | None = None
+        self.calls = 0
         self.previous_gate: torch.Tensor | None = None
         self.skipping = False
         self.head_inputs: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.residuals: tuple[torch.Tensor, torch.Tensor | None] | None = None
-        self.previous_output: torch.Tensor | None = None
-
-
-@dataclass(frozen=True)
-class BlockIO:
-    """Where a block's hidden states sit in its arguments and outputs (diffusers' block metadata)."""
-
-    hidden_argument: str = "hidden_states"
-    encoder_argument: str = "encoder_hidden_states"
-    hidden_index: int | None = None
-    encoder_index: int | None = None
-
-    @classmethod
-    def of(cls, block: torch.nn.Module) -> BlockIO:
-        metadata = TransformerBlockRegistry.get(type(block))
-        return cls(
-            hidden_argument=metadata.hidden_states_argument_name,
-            encoder_argument=metadata.encoder_hidden_states_argument_name,
-            hidden_index=metadata.return_hidden_states_index,
-            encoder_index=metadata.return_encoder_hidden_states_index,
-        )
-
-    def inputs(self, arguments: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        encoder = arguments.get(self.encoder_argument) if self.encoder_index is not None else None
-        return arguments[self.hidden_argument], encoder
-
-    def split(self, output) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if not isinstance(output, tuple):
-            return output, None
-        encoder = output[self.encoder_index] if self.encoder_index is not None else None
-        return output[self.hidden_index], encoder
-
-    def join(self, hidden: torch.Tensor, encoder: torch.Tensor | None):
-        if self.hidden_index is None:
-            return hidden
-        output: list[torch.Tensor | None] = [None] * (1 + (self.encoder_index is not None))
-        output[self.hidden_index] = hidden
-        if self.encoder_index is not None:
-            output[self.encoder_index] = encoder
-        return tuple(output)
-
-
-def _arguments(signature: inspect.Signature, args, kwargs) -> dict[str, Any]:
-    # Transformers call their blocks with keyword arguments; binding the signature (slow) is the fallback.
-    if not args:
-        return kwargs
-    return signature.bind_partial(None, *args, **kwargs).arguments
 
 
 class TeaCacheBlockHook(ModelHook):
     """Middle and tail blocks: pass inputs through while skipping; the tail stores the residual."""
 
+    _signature: inspect.Signature  # set when the hook is registered
+
     def __init__(self, state_manager: StateManager, clock: RequestClock, io: BlockIO, is_tail: bool):
         super().__init__()
         self.state_manager, self.clock, self.io, self.is_tail = state_manager, clock, io, is_tail
-        self._signature: inspect.Signature | None = None
 
     def initialize_hook(self, module):
         self._signature = inspect.signature(type(module).forward)
@@ -331,7 +391,7 @@ class TeaCacheBlockHook(ModelHook):
             return self.fn_ref.original_forward(*args, **kwargs)
         state: BranchState = self.state_manager.get_state()
         if state.skipping:
-            return self.io.join(*self.io.inputs(_arguments(self._signature, args, kwargs)))
+            return self.io.join(*self.io.inputs(bound_arguments(self._signature, args, kwargs)))
         output = self.fn_ref.original_forward(*args, **kwargs)
         if self.is_tail:
             self._store_residuals(state, output)
@@ -339,17 +399,12 @@ class TeaCacheBlockHook(ModelHook):
 
     def _store_residuals(self, state: BranchState, output) -> None:
         hidden, encoder = self.io.split(output)
+        assert state.head_inputs is not None, "the tail runs only after the head computed"
         head_hidden, head_encoder = state.head_inputs
         state.residuals = (
             hidden - head_hidden,
             None if encoder is None or head_encoder is None else encoder - head_encoder,
         )
-        if self.clock.record_outputs:
-            stats = self.clock.branches[self.state_manager.context.name]
-            previous = state.previous_output
-            rel_l1 = None if previous is None or previous.shape != hidden.shape else _relative_l1(hidden, previous)
-            stats.output_rel_l1.append(rel_l1)
-            state.previous_output = hidden.detach()
 
 
 class TeaCacheHeadHook(TeaCacheBlockHook):
@@ -365,25 +420,26 @@ class TeaCacheHeadHook(TeaCacheBlockHook):
         clock = self.clock
         if not clock.enabled:
             return self.fn_ref.original_forward(*args, **kwargs)
-        arguments = _arguments(self._signature, args, kwargs)
+        arguments = bound_arguments(self._signature, args, kwargs)
         state: BranchState = self.state_manager.get_state()
-        branch = self.state_manager.context.name
-        stats = clock.branches.setdefault(branch, BranchStats())
-        if state.policy is None:
-            state.policy = TeaCachePolicy(clock.config, clock.coefficients)
+        if state.policy is None:  # the branch's first call since the last reset: a new request
+            state.policy = TeaCachePolicy(clock.rescaling, clock.rel_l1_thresh, clock.max_consecutive_skips)
+            clock.branches[self.state_manager.context.name] = BranchStats()
+        stats = clock.branches[self.state_manager.context.name]
+        step_index = state.calls if clock.step_index is None else clock.step_index
+        state.calls += 1
 
         gate = self.gate(module, arguments).detach()
         rel_l1 = None
         if state.previous_gate is not None and state.previous_gate.shape == gate.shape and state.residuals is not None:
-            rel_l1 = _relative_l1(gate, state.previous_gate)
+            rel_l1 = relative_l1(gate, state.previous_gate)
         state.previous_gate = gate
-        compute = state.policy.should_compute(
-            rel_l1, clock.step_index, clock.num_steps, stats, force=clock.record_outputs
-        )
+        compute = state.policy.should_compute(rel_l1, step_index, clock.num_steps, stats)
 
         hidden, encoder = self.io.inputs(arguments)
         state.skipping = not compute
         if not compute:
+            assert state.residuals is not None, "a step is skipped only after a computed one (rel_l1 needs it)"
             hidden_residual, encoder_residual = state.residuals
             if encoder is not None and encoder_residual is not None:
                 encoder = encoder + encoder_residual
@@ -399,152 +455,155 @@ class TeaCacheHeadHook(TeaCacheBlockHook):
         return module
 
 
-@torch.compiler.disable
-def _relative_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
-    previous = previous.float()
-    change = (current.float() - previous).abs().mean()
-    return (change / previous.abs().mean().clamp_min(1e-12)).item()
+class TeaCache:
+    """TeaCache's hooks on one transformer; `apply_teacache` makes one, `remove_teacache` takes the hooks off.
 
+    Without an engine, each CFG branch counts its own transformer calls (diffusers resets the count after every
+    pipeline call) and `num_inference_steps`, when known, marks the last step, which is always computed.
+    """
 
-class ImplicitBranches:
-    """Names the branches of pipelines that call the transformer outside `cache_context` (diffusers 0.42's
-    FluxKontextPipeline): within a step such pipelines call the conditional branch first, then the unconditional
-    one, so a call's position in its step (the step comes from the engine) names its branch."""
-
-    NAMES = ("cond", "uncond")
-
-    def __init__(self, state_manager: StateManager, clock: RequestClock):
-        self.state_manager, self.clock = state_manager, clock
-        self._step, self._calls, self._entered = -1, 0, None
-
-    def _named_by_pipeline(self) -> bool:
-        try:
-            return self.state_manager.context is not None
-        except ValueError:  # StateManager's way of saying that no context is set
-            return False
-
-    def before(self, transformer, args, kwargs) -> None:
-        if self._named_by_pipeline():
-            return
-        if self.clock.step_index != self._step:
-            self._step, self._calls = self.clock.step_index, 0
-        name = self.NAMES[self._calls] if self._calls < len(self.NAMES) else f"branch{self._calls}"
-        self._calls += 1
-        self._entered = transformer.cache_context(name)
-        self._entered.__enter__()
-
-    def after(self, transformer, args, kwargs, output) -> None:
-        if self._entered is not None:
-            entered, self._entered = self._entered, None
-            entered.__exit__(None, None, None)
-
-
-# -- the backend ------------------------------------------------------------------------------------------------
-class TeaCacheBackend(CacheBackend):
-    name = "tea_cache"
-
-    def __init__(self, config: TeaCacheConfig, settings: dict[str, Any] | None = None):
-        self.config = config
-        self.settings = settings or {}
-        """The settings the config was built from (request overrides layer on top of these)."""
-        self._clock: RequestClock | None = None
-        self._transformer: torch.nn.Module | None = None
-        self._model_coefficients: tuple[float, ...] = ()
-        self._implicit_branch_hooks: list = []
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(parse_config(TeaCacheConfig, config, what="tea_cache"), dict(config or {}))
-
-    @classmethod
-    def merge_settings(cls, model_settings, user_settings):
-        return layered_settings(model_settings, user_settings)
-
-    def apply(self, pipeline) -> None:
-        transformer = pipeline.transformer
-        model = teacache_model_for(transformer)
-        blocks = model.blocks(transformer)
-        self._model_coefficients = model.coefficients
-        self._clock = RequestClock(self.config, self.config.coefficients or model.coefficients)
+    def __init__(
+        self,
+        transformer: torch.nn.Module,
+        config: TeaCacheConfig,
+        target: CacheTarget,
+        num_inference_steps: int | None = None,
+    ):
+        self.transformer, self.target, self.config = transformer, target, config
+        rescaling = target_rescaling(config, target, transformer)
+        blocks = target.block_stack(transformer)
+        self.clock = RequestClock(
+            rescaling, config.rel_l1_thresh, config.max_consecutive_skips, num_steps=num_inference_steps
+        )
         state_manager = StateManager(BranchState)
         for index, block in enumerate(blocks):
             is_tail = index == len(blocks) - 1
             io = BlockIO.of(block)
             registry = HookRegistry.check_if_exists_or_initialize(block)
             if index == 0:
-                hook = TeaCacheHeadHook(state_manager, self._clock, io, is_tail, model.gate)
-                registry.register_hook(hook, HEAD_HOOK)
+                registry.register_hook(TeaCacheHeadHook(state_manager, self.clock, io, is_tail, target.gate), HEAD_HOOK)
             else:
-                registry.register_hook(TeaCacheBlockHook(state_manager, self._clock, io, is_tail), BLOCK_HOOK)
+                registry.register_hook(TeaCacheBlockHook(state_manager, self.clock, io, is_tail), BLOCK_HOOK)
+        registry = HookRegistry.check_if_exists_or_initialize(transformer)
+        registry.register_hook(CallOrderBranches(state_manager, target), BRANCH_HOOK)
         # New hooks below the transformer stale its cached list of child registries.
-        HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
-        branches = ImplicitBranches(state_manager, self._clock)
-        self._implicit_branch_hooks = [
-            transformer.register_forward_pre_hook(branches.before, with_kwargs=True),
-            transformer.register_forward_hook(branches.after, with_kwargs=True, always_call=True),
-        ]
-        self._transformer = transformer
-
-    def remove(self, pipeline) -> None:
-        registry = HookRegistry.check_if_exists_or_initialize(pipeline.transformer)
-        registry.remove_hook(HEAD_HOOK, recurse=True)
-        registry.remove_hook(BLOCK_HOOK, recurse=True)
         registry.invalidate_child_registries_cache()
-        for handle in self._implicit_branch_hooks:
-            handle.remove()
-        self._implicit_branch_hooks = []
-        self._transformer = self._clock = None
 
-    def _effective(self, overrides: dict[str, Any] | None) -> tuple[bool, TeaCacheConfig]:
-        overrides = dict(overrides or {})
-        unknown = sorted(set(overrides) - set(OVERRIDE_KEYS))
-        if unknown:
-            raise ValueError(f"unknown tea_cache setting(s) {unknown}; valid keys: {', '.join(OVERRIDE_KEYS)}")
-        enabled = overrides.pop("enabled", True)
-        if not isinstance(enabled, bool):
-            raise ValueError(f"cache_config 'enabled' must be true or false, got {enabled!r}")
-        settings = layered_settings(self.settings, overrides)
-        return enabled, parse_config(TeaCacheConfig, settings, what="tea_cache")
+    @property
+    def num_inference_steps(self) -> int | None:
+        return self.clock.num_steps
 
-    def check_overrides(self, overrides) -> None:
-        self._effective(overrides)
+    @num_inference_steps.setter
+    def num_inference_steps(self, value: int | None) -> None:
+        self.clock.num_steps = value
 
-    def begin_request(self, num_steps, overrides=None) -> None:
-        enabled, config = self._effective(overrides)
-        clock = self._clock
-        if clock is None:  # not applied (or removed): nothing to prepare
-            return
-        clock.config = config
-        clock.coefficients = config.coefficients or self._model_coefficients
-        clock.enabled = enabled
-        clock.num_steps = num_steps
-        clock.step_index = 0
-        clock.branches = {}
+    def configure(self, config: TeaCacheConfig) -> None:
+        """New settings from the next step on (bad coefficients raise and change nothing)."""
+        rescaling = target_rescaling(config, self.target, self.transformer)
+        self.config = config
+        self.clock.rescaling = rescaling
+        self.clock.rel_l1_thresh, self.clock.max_consecutive_skips = config.rel_l1_thresh, config.max_consecutive_skips
+
+    def begin_request(self, num_steps: int, overrides: dict[str, Any] | None = None) -> None:
+        """Driven mode: a request of `num_steps` steps begins; `overrides` are validated request settings."""
+        overrides = overrides or {}
+        clock, config = self.clock, self.config
+        clock.enabled = overrides.get("enabled", True)
+        clock.rel_l1_thresh = overrides.get("rel_l1_thresh", config.rel_l1_thresh)
+        clock.max_consecutive_skips = overrides.get("max_consecutive_skips", config.max_consecutive_skips)
+        clock.num_steps, clock.step_index, clock.branches = num_steps, 0, {}
         # A request that ended in an exception never reached the pipeline's own reset: reset here too.
-        HookRegistry.check_if_exists_or_initialize(self._transformer).reset_stateful_hooks()
+        HookRegistry.check_if_exists_or_initialize(self.transformer).reset_stateful_hooks()
 
     def set_step(self, step_index: int) -> None:
-        if self._clock is not None:
-            self._clock.step_index = step_index
+        self.clock.step_index = step_index
 
-    def record_outputs(self, enabled: bool = True) -> None:
-        """Calibration mode: compute every step and record the block stack's output change next to the gate's."""
-        self._clock.record_outputs = enabled
-
-    def stats(self) -> dict[str, Any] | None:
-        clock = self._clock
-        if clock is None:
-            return None
+    def stats(self) -> dict[str, Any]:
+        clock = self.clock
         branches = {name: dataclasses.asdict(stats) for name, stats in clock.branches.items()}
-        if not clock.record_outputs:
-            for branch in branches.values():
-                del branch["output_rel_l1"]
         return {
-            "backend": self.name,
+            "backend": NAME,
             "enabled": clock.enabled,
-            "rel_l1_thresh": clock.config.rel_l1_thresh,
+            "rel_l1_thresh": clock.rel_l1_thresh,
             "num_steps": clock.num_steps,
             "computed_steps": sum(b["computed_steps"] for b in branches.values()),
             "skipped_steps": sum(b["skipped_steps"] for b in branches.values()),
             "branches": branches,
         }
+
+
+def apply_teacache(
+    transformer: torch.nn.Module,
+    config: TeaCacheConfig | None = None,
+    *,
+    target: CacheTarget | None = None,
+    num_inference_steps: int | None = None,
+) -> TeaCache:
+    """Attach TeaCache to `transformer` (a diffusers pipeline's `pipe.transformer`).
+
+    `target` defaults to the one registered for the transformer's class (teaserve registers those of the models
+    it serves); the coefficients default to the target's. Pass `num_inference_steps` (or set it on the returned
+    object) so that the last step is always computed. The returned object reports `stats()` of the last call.
+    """
+    if HookRegistry.check_if_exists_or_initialize(transformer).get_hook(BRANCH_HOOK) is not None:
+        raise ValueError("TeaCache is already applied to this transformer; remove_teacache() it first")
+    target = target or cache_target_for(transformer)
+    return TeaCache(transformer, config or TeaCacheConfig(), target, num_inference_steps)
+
+
+def remove_teacache(transformer: torch.nn.Module) -> None:
+    """Take TeaCache's hooks off `transformer`: it computes every step again."""
+    registry = HookRegistry.check_if_exists_or_initialize(transformer)
+    for name in (BRANCH_HOOK, HEAD_HOOK, BLOCK_HOOK):
+        registry.remove_hook(name, recurse=True)
+    registry.invalidate_child_registries_cache()
+
+
+# -- the backend -------------------------------------------------------------------------------------------------
+class TeaCacheBackend(CacheBackend):
+    """`tea_cache`: server settings are TeaCacheConfig's fields or `coefficients_file`; a request may set
+    `enabled`, `rel_l1_thresh` and `max_consecutive_skips`."""
+
+    name = NAME
+    request_keys = REQUEST_KEYS
+
+    def __init__(self, config: TeaCacheConfig, settings: dict[str, Any] | None = None):
+        self.config = config
+        self.settings = dict(settings or {})
+        self._teacache: TeaCache | None = None
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(TeaCacheConfig.from_settings(config), config)
+
+    @classmethod
+    def merge_settings(cls, model_settings, user_settings):
+        return layered_settings(model_settings, user_settings)
+
+    def configure(self, settings) -> None:
+        config = TeaCacheConfig.from_settings(settings)
+        if self._teacache is not None:
+            self._teacache.configure(config)
+        self.config, self.settings = config, dict(settings or {})
+
+    def apply(self, pipeline) -> None:
+        self._teacache = apply_teacache(pipeline.transformer, self.config)
+
+    def remove(self, pipeline) -> None:
+        remove_teacache(pipeline.transformer)
+        self._teacache = None
+
+    def check_overrides(self, overrides) -> None:
+        request_settings(overrides)
+
+    def begin_request(self, num_steps, overrides=None) -> None:
+        overrides = request_settings(overrides)
+        if self._teacache is not None:  # not applied (or removed): nothing to prepare
+            self._teacache.begin_request(num_steps, overrides)
+
+    def set_step(self, step_index: int) -> None:
+        if self._teacache is not None:
+            self._teacache.set_step(step_index)
+
+    def stats(self) -> dict[str, Any] | None:
+        return None if self._teacache is None else self._teacache.stats()

@@ -8,7 +8,7 @@ from .. import __version__
 from ..engine import EngineArgs, OmniDiffusionSamplingParams
 from ..engine.args import flag_of, json_object_arg
 from ..engine.params import parse_size, values_from_strings
-from .bench import DEFAULT_THRESHOLDS, Variant
+from ..evaluation.sweeps import CALIBRATION_STEPS, DEFAULT_THRESHOLDS, Variant
 
 CACHE_AND_DEVICE = ("cache_backend", "cache_config", "device", "dtype")
 """The engine settings that bench reads (calibrate: the device ones)."""
@@ -128,7 +128,6 @@ def _add_sweep_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", default=None, help="file with one prompt per line (default: built-in prompts)")
     parser.add_argument("--num-prompts", type=int, default=None, help="use only the first N prompts")
     parser.add_argument("--seeds", type=_ints, default=[0], help="comma-separated seeds")
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     parser.add_argument("--size", default=None, help="WIDTHxHEIGHT (default: the model's)")
     parser.add_argument("--true-cfg-scale", type=float, default=None)
 
@@ -136,6 +135,7 @@ def _add_sweep_flags(parser: argparse.ArgumentParser) -> None:
 def _add_bench(subparsers) -> None:
     parser = subparsers.add_parser("bench", help="measure cached against uncached speed and quality")
     _add_sweep_flags(parser)
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     parser.add_argument("--thresholds", type=_floats, default=list(DEFAULT_THRESHOLDS), help="comma-separated")
     parser.add_argument(
         "--variant",
@@ -143,7 +143,7 @@ def _add_bench(subparsers) -> None:
         action="append",
         default=None,
         metavar="NAME=JSON",
-        help="cache settings to sweep the thresholds on (repeatable; default: the server settings)",
+        help="server cache settings to sweep the thresholds on, over --cache-config (repeatable; default: those)",
     )
     parser.add_argument("--warmup", type=int, default=1, help="uncached warm-up runs, not counted")
     parser.add_argument("--json", default=None, help="also write the table as JSON here")
@@ -154,6 +154,12 @@ def _add_bench(subparsers) -> None:
 def _add_calibrate(subparsers) -> None:
     parser = subparsers.add_parser("calibrate", help="fit TeaCache's coefficients to a model")
     _add_sweep_flags(parser)
+    parser.add_argument(
+        "--steps",
+        type=_ints,
+        default=list(CALIBRATION_STEPS),
+        help=f"comma-separated step counts to record and fit over (default: {','.join(map(str, CALIBRATION_STEPS))})",
+    )
     parser.add_argument(
         "--validate",
         type=int,

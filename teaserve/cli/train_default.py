@@ -13,14 +13,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..engine import AsyncEngine, OmniDiffusionSamplingParams
+from ..engine import OmniDiffusionSamplingParams
+from ..evaluation.calibration import calibrate, profile, report
+from ..evaluation.sweeps import CALIBRATION_PROMPTS, CALIBRATION_STEPS
+from ..pipelines import load_model
 from ..pipelines.default_model import shapes
 from ..pipelines.default_model.evaluate import evaluate, sample_grid
 from ..pipelines.default_model.train import TrainingConfig, train
 from ..pipelines.loading import MODEL_PROFILE_FILE
-from .calibrate import calibrate, profile, report
 
-CALIBRATION_PROMPTS, VALIDATION_PROMPTS, CALIBRATION_SEEDS = 16, 8, (0, 1)
+VALIDATION_PROMPTS, CALIBRATION_SEEDS = 8, (0, 1)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,17 +44,15 @@ def calibrate_and_evaluate(folder: Path, evaluate_count: int, log: Callable[[str
     captions = [scene.caption for scene in shapes.split_scenes()[0]]
     calibration_prompts = captions[:CALIBRATION_PROMPTS]
     validation = captions[CALIBRATION_PROMPTS : CALIBRATION_PROMPTS + VALIDATION_PROMPTS]
-    params = OmniDiffusionSamplingParams()
-    engine = AsyncEngine(str(folder), cache_backend="tea_cache")
-    try:
-        calibration = calibrate(engine, calibration_prompts, validation, CALIBRATION_SEEDS, params)
-        record = profile(engine, calibration, calibration_prompts, CALIBRATION_SEEDS, params)
-    finally:
-        engine.shutdown()
-    report(calibration)
+    model = load_model(str(folder))
+    calibration = calibrate(
+        model, calibration_prompts, validation, CALIBRATION_SEEDS, OmniDiffusionSamplingParams(), CALIBRATION_STEPS, log
+    )
+    record = profile(model, calibration, calibration_prompts, CALIBRATION_SEEDS)
+    print("\n".join(report(calibration)))
     (folder / "teacache-profile.json").write_text(json.dumps(record, indent=2) + "\n")
     model_profile = json.loads((folder / MODEL_PROFILE_FILE).read_text())
-    model_profile["cache"] = {"tea_cache": {"coefficients": calibration.coefficients}}
+    model_profile["cache"] = {"tea_cache": {"coefficients": record["coefficients"], "x_range": record["x_range"]}}
     (folder / MODEL_PROFILE_FILE).write_text(json.dumps(model_profile, indent=2) + "\n")
 
     log("evaluating on held-out captions")

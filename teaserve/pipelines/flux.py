@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
+from ..cache import CacheTarget, register_cache_target
 from .base import GenerationDefaults, ModelFamily, PipelineInputs
 from .registry import register_family
 
@@ -57,6 +60,26 @@ class FluxKontext(Flux):
             "max_area": inputs.width * inputs.height,
         }
 
+
+def flux_gate(block: Any, arguments: dict[str, Any]) -> torch.Tensor:
+    """The first double-stream block's AdaLayerNormZero output: norm(x) * (1 + scale_msa) + shift_msa."""
+    return block.norm1(arguments["hidden_states"], emb=arguments["temb"])[0]
+
+
+# TeaCache4FLUX's coefficients (FLUX.1 [dev]).
+FLUX_COEFFICIENTS = (498.651651, -283.781631, 55.8554382, -3.82021401, 0.264230861)
+
+# Flux runs its double-stream blocks, then its single-stream ones; both take and return (encoder_hidden_states,
+# hidden_states), so the stack spans both lists. FluxKontextPipeline calls the transformer outside
+# `cache_context`: the target's default branch names (cond, then uncond, per step) name its calls.
+register_cache_target(
+    "diffusers.models.transformers.transformer_flux.FluxTransformer2DModel",
+    CacheTarget(
+        blocks=lambda transformer: [*transformer.transformer_blocks, *transformer.single_transformer_blocks],
+        gate=flux_gate,
+        defaults={"tea_cache": {"coefficients": FLUX_COEFFICIENTS}},
+    ),
+)
 
 register_family(Flux())
 register_family(FluxKontext())

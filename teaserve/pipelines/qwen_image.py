@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from pydantic import Field
 
+from ..cache import CacheTarget, register_cache_target
 from .base import GenerationDefaults, ModelFamily, ModelKnobs, PipelineInputs, Task
 from .qwen_processor import load_processor_without_torchvision
 from .registry import register_family
@@ -192,6 +193,28 @@ class QwenImageLayered(QwenImageEdit):
     def decode_preview(self, pipe, latents, inputs):
         return self.decode_frames(pipe, latents, inputs)[:: inputs.extra["layers"] + 1]  # each recomposed image
 
+
+def qwen_image_gate(block: Any, arguments: dict[str, Any]) -> torch.Tensor:
+    """The image stream's first modulation in a QwenImageTransformerBlock: img_norm1(x) * (1 + scale) + shift,
+    through the block's own `_modulate` so that per-token modulation (zero_cond_t, Edit-2511) is honoured."""
+    first_modulation = block.img_mod(arguments["temb"]).chunk(2, dim=-1)[0]
+    modulated, _ = block._modulate(
+        block.img_norm1(arguments["hidden_states"]), first_modulation, arguments.get("modulate_index")
+    )
+    return modulated
+
+
+# vLLM-Omni's hand-rounded TeaCache coefficients, shared by Edit, Edit-Plus and Layered.
+QWEN_IMAGE_COEFFICIENTS = (-450.0, 280.0, -45.0, 3.2, -0.02)
+
+register_cache_target(
+    "diffusers.models.transformers.transformer_qwenimage.QwenImageTransformer2DModel",
+    CacheTarget(
+        blocks=lambda transformer: transformer.transformer_blocks,
+        gate=qwen_image_gate,
+        defaults={"tea_cache": {"coefficients": QWEN_IMAGE_COEFFICIENTS}},
+    ),
+)
 
 register_family(QwenImage())
 register_family(QwenImageEdit())

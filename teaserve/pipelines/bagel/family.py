@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from ...cache import CacheTarget, register_cache_target
 from ..base import GenerationDefaults, ModelFamily, PipelineInputs
 from ..registry import register_family
 from .config import CHECKPOINT_FILES
@@ -68,5 +71,25 @@ class Bagel(ModelFamily):
     def decode_preview(self, pipe, latents, inputs):
         return pipe.decode(latents, inputs.width, inputs.height)
 
+
+def bagel_gate(block: Any, arguments: dict[str, Any]) -> torch.Tensor:
+    """BAGEL has no adaLN: the flow time is added to the latent tokens, so the packed generation block entering the
+    first MoT layer (image markers + latent tokens) is the timestep-dependent signal, as in vLLM-Omni."""
+    return arguments["hidden_states"]
+
+
+# vLLM-Omni's TeaCache coefficients for BAGEL-7B-MoT.
+BAGEL_COEFFICIENTS = (1.33313129e6, -1.68644226e5, 7.95050740e3, -1.63747873e2, 1.26352397)
+
+# The block stack is the language model's MoT decoder layers; the noisy image runs through their plain forward
+# (context blocks are prefilled with `forward_with_kv`, which no hook sees), once per CFG branch.
+register_cache_target(
+    "teaserve.pipelines.bagel.model.BagelModel",
+    CacheTarget(
+        blocks=lambda model: model.language_model.model.layers,
+        gate=bagel_gate,
+        defaults={"tea_cache": {"coefficients": BAGEL_COEFFICIENTS}},
+    ),
+)
 
 register_family(Bagel())

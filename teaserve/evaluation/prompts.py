@@ -1,0 +1,44 @@
+"""The prompts a sweep runs and, for the embedded shapes model, the checker of its captions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from PIL import Image
+
+from ..pipelines.default_model import SERVED_MODEL_NAME, shapes
+
+GENERIC_PROMPTS = (
+    "a cat sitting on a windowsill at sunset",
+    "a red sports car on a mountain road",
+    "a bowl of fruit on a wooden table, still life painting",
+    "a lighthouse on a rocky coast during a storm",
+    "a futuristic city skyline at night with neon lights",
+    "a watercolor painting of a fox in a snowy forest",
+    "a cup of coffee with latte art, top view",
+    "an astronaut riding a horse on the moon",
+)
+
+Checker = Callable[[str, Image.Image], bool]
+"""(prompt, image) -> whether the image shows what the prompt asks for."""
+
+
+def check_shapes_caption(prompt: str, image: Image.Image) -> bool:
+    return shapes.check(image, prompt).passed_all
+
+
+def model_prompts(
+    model_name: str, *, held_out: bool, prompts_file: str | Path | None = None
+) -> tuple[list[str], Checker | None]:
+    """Every candidate prompt (callers take the first ones) and, for the shapes model, its caption checker.
+
+    The shapes model is benchmarked on captions it never saw in training (`held_out`) and calibrated on training
+    captions; other models use `prompts_file` (one prompt per line) or a built-in generic set.
+    """
+    if prompts_file:
+        return [line.strip() for line in Path(prompts_file).read_text().splitlines() if line.strip()], None
+    if model_name == SERVED_MODEL_NAME:
+        training, held = shapes.split_scenes()
+        return [scene.caption for scene in (held if held_out else training)], check_shapes_caption
+    return list(GENERIC_PROMPTS), None
