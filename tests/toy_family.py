@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from diffusers import ConfigMixin, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, ModelMixin
+from diffusers.configuration_utils import register_to_config
 from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
 from diffusers.models.cache_utils import CacheMixin
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
@@ -44,7 +45,8 @@ class ToyBlock(torch.nn.Module):
         return hidden_states + self.mlp(self.modulate(hidden_states, temb))
 
 
-class ToyTransformer(torch.nn.Module, CacheMixin):
+class ToyTransformer(ModelMixin, ConfigMixin, CacheMixin):
+    @register_to_config
     def __init__(self, dim: int = 32, depth: int = 4):
         super().__init__()
         self.dim = dim
