@@ -414,6 +414,8 @@ def test_autoencoder_equals_diffusers_autoencoder_kl_after_ldm_key_conversion():
         "latent_channels": 16,
         "use_quant_conv": False,
         "use_post_quant_conv": False,
+        "scaling_factor": 0.3611,  # FLUX.1's
+        "shift_factor": 0.1159,
     }
     reference = AutoencoderKL(**config).eval()
     reference.load_state_dict(convert_ldm_vae_checkpoint(ours.state_dict(), config), strict=True)
@@ -421,6 +423,13 @@ def test_autoencoder_equals_diffusers_autoencoder_kl_after_ldm_key_conversion():
     with torch.no_grad():
         assert torch.allclose(ours.encoder(images), reference.encoder(images), atol=1e-5)
         assert torch.allclose(ours.decoder(latents), reference.decoder(latents), atol=1e-5)
+        # A posterior sample, shifted then scaled on the way in and the inverse on the way out, as diffusers'
+        # Flux pipelines use the FLUX autoencoder.
+        sample = reference.encode(images).latent_dist.sample(generator=torch.Generator().manual_seed(0))
+        encoded = ours.encode(images, [torch.Generator().manual_seed(0)])
+        assert torch.allclose(encoded, (sample - 0.1159) * 0.3611, atol=1e-5)
+        expected = reference.decode(latents / 0.3611 + 0.1159).sample
+        assert torch.allclose(ours.decode(latents), expected, atol=1e-5)
 
 
 def test_text_prefilled_in_two_blocks_equals_one_block(omni):
