@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +89,10 @@ class SwiGLU(nn.Module):
 
 class MoTAttention(nn.Module):
     """Grouped-query attention with one projection set per expert and q/k RMSNorm over each head."""
+
+    # The output projections of the understanding and the generation expert (the others are found by name).
+    o_proj: nn.Linear
+    o_proj_moe_gen: nn.Linear
 
     def __init__(self, config: LanguageModelConfig):
         super().__init__()
@@ -223,17 +228,19 @@ class KVContext:
         return 1 if self.keys[0] is None else self.keys[0].shape[0]
 
     def past(self, layer: int) -> KeyValue | None:
-        if self.keys[layer] is None:
+        key, value = self.keys[layer], self.values[layer]
+        if key is None or value is None:
             return None
-        return self.keys[layer], self.values[layer]
+        return key, value
 
     def append(self, key_values: list[KeyValue], num_tokens: int, next_position: int) -> None:
         """Append a block's keys/values [batch, kv_heads, tokens, head_dim] (batch >= the cache's)."""
         for layer, (key, value) in enumerate(key_values):
-            if self.keys[layer] is not None:
+            cached = self.past(layer)
+            if cached is not None:
                 batch = key.shape[0]
-                key = torch.cat([self.keys[layer].expand(batch, -1, -1, -1), key], dim=2)
-                value = torch.cat([self.values[layer].expand(batch, -1, -1, -1), value], dim=2)
+                key = torch.cat([cached[0].expand(batch, -1, -1, -1), key], dim=2)
+                value = torch.cat([cached[1].expand(batch, -1, -1, -1), value], dim=2)
             self.keys[layer], self.values[layer] = key, value
         self.length += num_tokens
         self.next_position = next_position
@@ -270,7 +277,8 @@ class MoTQwen2Model(nn.Module):
         hidden = hidden.expand(max(hidden.shape[0], context.batch_size), -1, -1)
         rotary = rotary_embedding(torch.tensor(positions, device=hidden.device), config.head_dim, config.rope_theta)
         key_values = []
-        for index, layer in enumerate(self.layers):
+        layers = cast(list[MoTDecoderLayer], list(self.layers))
+        for index, layer in enumerate(layers):
             past = context.past(index)
             if store:
                 hidden, key_value = layer.forward_with_kv(

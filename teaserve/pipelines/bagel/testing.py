@@ -38,7 +38,7 @@ from .packing import sincos_2d_table
 
 TINY_MAX_LATENT_SIZE = 8
 """Latent tokens per side: images up to 8 * 16 = 128 px."""
-TINY_VIT = {
+TINY_VIT: dict[str, int | float | str] = {
     "hidden_size": 32,
     "image_size": 224,
     "intermediate_size": 64,
@@ -98,7 +98,7 @@ def build_tiny_bagel(folder: str | Path, *, seed: int = 0) -> Path:
         vit=VisionConfig.from_json(TINY_VIT),
         autoencoder=TINY_AUTOENCODER,
         max_latent_size=TINY_MAX_LATENT_SIZE,
-        vit_max_num_patch_per_side=TINY_VIT["image_size"] // TINY_VIT["patch_size"],
+        vit_max_num_patch_per_side=int(TINY_VIT["image_size"]) // int(TINY_VIT["patch_size"]),
     )
     torch.manual_seed(seed)
     model = BagelModel(config)

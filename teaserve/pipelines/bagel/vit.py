@@ -28,8 +28,9 @@ class SiglipAttention(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
         self.num_heads = config.num_attention_heads
-        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            setattr(self, name, nn.Linear(config.hidden_size, config.hidden_size))
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (
+            nn.Linear(config.hidden_size, config.hidden_size) for _ in range(4)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = (
