@@ -18,7 +18,7 @@ from teaserve.pipelines.testing import tiny_flux_pipeline, tiny_qwen_pipeline
 
 
 class FirstCall:
-    """Keyword arguments (and output) of a module's first call with hooks on."""
+    """Keyword arguments (blocks and attention are called with keywords) and output of a module's first call."""
 
     def __init__(self, module: torch.nn.Module, *, output: bool = False):
         self.kwargs: dict | None = None
@@ -28,9 +28,8 @@ class FirstCall:
             self.handles.append(module.register_forward_hook(self._after))
 
     def _before(self, module, args, kwargs):
-        assert not args, "blocks are called with keyword arguments"
         if self.kwargs is None:
-            self.kwargs = dict(kwargs)
+            self.kwargs = dict(kwargs) if not args else None
 
     def _after(self, module, args, output):
         if self.output is None:
@@ -90,7 +89,9 @@ def test_flux_gate_is_the_modulated_input_of_the_first_double_stream_attention(k
     transformer = pipe.transformer
     block = transformer.transformer_blocks[0]
     block_call, attention_call = FirstCall(block), FirstCall(block.attn)
-    inputs = {"image": Image.new("RGB", (32, 32), (200, 40, 40)), "max_area": 32 * 32} if kind == "kontext" else {}
+    inputs = {}
+    if kind == "kontext":  # the condition image as it is: resizing it to Kontext's 1024x1024 takes long on a CPU
+        inputs = {"image": Image.new("RGB", (32, 32), (200, 40, 40)), "max_area": 32 * 32, "_auto_resize": False}
     pipe(
         prompt="a cat", num_inference_steps=2, height=32, width=32, generator=torch.Generator().manual_seed(0), **inputs
     )
@@ -126,17 +127,17 @@ def test_apply_teacache_on_a_plain_diffusers_pipeline():
     inputs = {"prompt": "a cat", "negative_prompt": " ", "true_cfg_scale": 4.0, "height": 32, "width": 32}
 
     def generate():
-        return pipe(**inputs, num_inference_steps=6, generator=torch.Generator().manual_seed(0)).images[0]
+        return pipe(**inputs, num_inference_steps=4, generator=torch.Generator().manual_seed(0)).images[0]
 
     uncached = generate()
-    teacache = apply_teacache(pipe.transformer, TeaCacheConfig(rel_l1_thresh=1e-9), num_inference_steps=6)
+    teacache = apply_teacache(pipe.transformer, TeaCacheConfig(rel_l1_thresh=1e-9), num_inference_steps=4)
     assert np.array_equal(pixels(generate()), pixels(uncached))
     assert teacache.stats()["skipped_steps"] == 0 and set(teacache.stats()["branches"]) == {"cond", "uncond"}
     teacache.configure(TeaCacheConfig(rel_l1_thresh=1e9))
     cached = generate()
     assert {name: b["schedule"] for name, b in teacache.stats()["branches"].items()} == {
-        "cond": "CSSSSC",
-        "uncond": "CSSSSC",
+        "cond": "CSSC",
+        "uncond": "CSSC",
     }
     assert not np.array_equal(pixels(cached), pixels(uncached))
     remove_teacache(pipe.transformer)
