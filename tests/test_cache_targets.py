@@ -107,13 +107,15 @@ def test_bagel_gate_is_the_timestep_dependent_generation_block(tmp_path):
     # BAGEL adds the flow time's embedding to the latent tokens: the gate must be the block that carries it,
     # latents + time + position between the two image markers, as it enters the first MoT layer.
     from teaserve.pipelines import load_model
+    from teaserve.pipelines.bagel.pipeline import SamplingSettings
     from teaserve.pipelines.bagel.testing import build_tiny_bagel
 
     pipe = load_model(str(build_tiny_bagel(tmp_path / "bagel")), dtype="float32").pipeline
     model = pipe.transformer
     block_call = FirstCall(model.language_model.model.layers[0])
     parts = [FirstCall(module, output=True) for module in (model.vae2llm, model.time_embedder, model.latent_pos_embed)]
-    pipe("a cat", num_inference_steps=2, width=32, height=32, cfg_text_scale=1.0, generator=torch.Generator())
+    text_only = SamplingSettings(cfg_text_scale=1.0)
+    pipe("a cat", num_inference_steps=2, width=32, height=32, sampling=text_only, generator=torch.Generator())
     latents, time, position = (part.output for part in parts)
     gate = registered_gate(model, block_call)
     assert torch.equal(gate[:, 1:-1], latents + time + position)
