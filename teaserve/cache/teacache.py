@@ -31,7 +31,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
-from .base import CacheBackend, CacheSettingsError, check_request_keys, parse_config, short_repr
+from .base import CacheBackend, CacheSettingsError, is_number, parse_config, short_repr
 from .targets import BlockIO, CacheTarget, CallOrderBranches, Gate, bound_arguments, cache_target_for, relative_l1
 
 NAME = "tea_cache"
@@ -51,17 +51,14 @@ DERIVED_RANGE_END = 1.0
 MAX_PROFILE_BYTES = 1 << 20
 
 REQUEST_KEYS = ("enabled", "rel_l1_thresh", "max_consecutive_skips")
-COEFFICIENT_KEYS = ("coefficients", "x_range", "coefficients_file")
-"""Settings that describe one rescaling polynomial; a layer of settings that has any of them replaces them all."""
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+COEFFICIENT_KEYS = ("coefficients", "x_range", "coefficients_file", "quality_table")
+"""Settings that describe one rescaling polynomial and what it was calibrated to give; a layer of settings that has
+any of them replaces them all."""
 
 
 def check_threshold(value: Any) -> float:
     # Comparisons (not float()) so that 10**400 and NaN are refused instead of overflowing or slipping through.
-    if not _is_number(value) or not 0 < value <= MAX_REL_L1_THRESH:
+    if not is_number(value) or not 0 < value <= MAX_REL_L1_THRESH:
         raise ValueError(f"rel_l1_thresh must be a number in (0, {MAX_REL_L1_THRESH:g}], got {short_repr(value)}")
     return float(value)
 
@@ -80,7 +77,7 @@ def check_max_consecutive_skips(value: Any) -> int | None:
 def check_coefficients(value: Any) -> tuple[float, ...]:
     if not isinstance(value, list | tuple) or len(value) != 5:
         raise ValueError(f"coefficients must be a list of 5 numbers, highest power first, got {short_repr(value)}")
-    if not all(_is_number(c) and -MAX_COEFFICIENT <= c <= MAX_COEFFICIENT for c in value):
+    if not all(is_number(c) and -MAX_COEFFICIENT <= c <= MAX_COEFFICIENT for c in value):
         raise ValueError(f"coefficients must be numbers in [-{MAX_COEFFICIENT:g}, {MAX_COEFFICIENT:g}]")
     return tuple(float(c) for c in value)
 
@@ -89,7 +86,7 @@ def check_x_range(value: Any) -> tuple[float, float]:
     if (
         not isinstance(value, list | tuple)
         or len(value) != 2
-        or not all(_is_number(end) and 0 <= end <= MAX_GATE_CHANGE for end in value)
+        or not all(is_number(end) and 0 <= end <= MAX_GATE_CHANGE for end in value)
         or not value[0] < value[1]
     ):
         raise ValueError(
@@ -268,9 +265,8 @@ def layered_settings(*layers: dict[str, Any] | None) -> dict[str, Any]:
     return merged
 
 
-def request_settings(overrides: dict[str, Any] | None) -> dict[str, Any]:
-    """Validated per-request overrides: only REQUEST_KEYS, no I/O; errors are CacheSettingsError."""
-    overrides = check_request_keys(overrides, REQUEST_KEYS, NAME)
+def check_request_values(overrides: dict[str, Any]) -> None:
+    """The values of per-request overrides (their keys are checked already); errors are CacheSettingsError."""
     try:
         if "rel_l1_thresh" in overrides:
             check_threshold(overrides["rel_l1_thresh"])
@@ -278,7 +274,6 @@ def request_settings(overrides: dict[str, Any] | None) -> dict[str, Any]:
             check_max_consecutive_skips(overrides["max_consecutive_skips"])
     except ValueError as error:
         raise CacheSettingsError(f"cache_config: {error}") from None
-    return overrides
 
 
 def target_rescaling(config: TeaCacheConfig, target: CacheTarget, transformer: torch.nn.Module) -> Rescaling:
@@ -566,25 +561,23 @@ class TeaCacheBackend(CacheBackend):
 
     name = NAME
     request_keys = REQUEST_KEYS
+    tuning_key = "rel_l1_thresh"
+    tuning_values = (0.1, 0.2, 0.4, 0.6, 0.8)
 
-    def __init__(self, config: TeaCacheConfig, settings: dict[str, Any] | None = None):
-        self.config = config
-        self.settings = dict(settings or {})
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = TeaCacheConfig()
         self._teacache: TeaCache | None = None
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(TeaCacheConfig.from_settings(config), config)
 
     @classmethod
     def merge_settings(cls, model_settings, user_settings):
         return layered_settings(model_settings, user_settings)
 
-    def configure(self, settings) -> None:
+    def configure_method(self, settings) -> None:
         config = TeaCacheConfig.from_settings(settings)
         if self._teacache is not None:
             self._teacache.configure(config)
-        self.config, self.settings = config, dict(settings or {})
+        self.config = config
 
     def apply(self, pipeline) -> None:
         self._teacache = apply_teacache(pipeline.transformer, self.config)
@@ -593,11 +586,10 @@ class TeaCacheBackend(CacheBackend):
         remove_teacache(pipeline.transformer)
         self._teacache = None
 
-    def check_overrides(self, overrides) -> None:
-        request_settings(overrides)
+    def check_method_overrides(self, overrides) -> None:
+        check_request_values(overrides)
 
-    def begin_request(self, num_steps, overrides=None) -> None:
-        overrides = request_settings(overrides)
+    def start_request(self, num_steps, overrides) -> None:
         if self._teacache is not None:  # not applied (or removed): nothing to prepare
             self._teacache.begin_request(num_steps, overrides)
 
@@ -605,5 +597,5 @@ class TeaCacheBackend(CacheBackend):
         if self._teacache is not None:
             self._teacache.set_step(step_index)
 
-    def stats(self) -> dict[str, Any] | None:
+    def request_stats(self) -> dict[str, Any] | None:
         return None if self._teacache is None else self._teacache.stats()
