@@ -117,6 +117,28 @@ def no_table_message(backend: str) -> str:
     )
 
 
+class Calibrator(ABC):
+    """What a method learns about a model from uncached runs, e.g. MagCache's magnitude ratios.
+
+    `teaserve calibrate` attaches it to the pipeline's transformer (`attach`), runs the calibration prompts
+    uncached at each step count, calls `end_request(num_steps)` after each request, then `detach`es it and writes
+    `fit()` (JSON-able server settings of the method) into the model's profile."""
+
+    @abstractmethod
+    def attach(self, transformer) -> None: ...
+
+    @abstractmethod
+    def detach(self) -> None: ...
+
+    @abstractmethod
+    def end_request(self, num_steps: int) -> None:
+        """The request just run had `num_steps` steps: file what was recorded during it."""
+
+    @abstractmethod
+    def fit(self) -> dict[str, Any]:
+        """The method's server settings fitted on everything recorded."""
+
+
 class CacheBackend(ABC):
     """A step-caching method. One instance serves one pipeline, one request at a time.
 
@@ -172,6 +194,11 @@ class CacheBackend(ABC):
             raise ValueError(f"the {self.name!r} cache backend has no setting that a {QUALITY_TABLE} could choose")
         self.configure_method(own)
         self.quality, self.settings = quality, dict(settings)
+
+    @classmethod
+    def calibrator(cls) -> Calibrator | None:
+        """What `teaserve calibrate` fits for this method before measuring its quality table (None: nothing)."""
+        return None
 
     @abstractmethod
     def configure_method(self, settings: dict[str, Any]) -> None:
