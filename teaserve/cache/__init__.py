@@ -11,12 +11,17 @@ from typing import Any
 
 from .base import CacheBackend, CacheSettingsError, NoCache, parse_config, parse_config_json
 from .calibration import GateRecorder, record_gate_changes
+from .learned import ForecastCalibrator, LearnedCacheBackend, LearnedCacheConfig
 from .targets import CacheTarget, cache_target_for, register_cache_target, registered_transformers
 from .teacache import Rescaling, TeaCache, TeaCacheBackend, TeaCacheConfig, apply_teacache, remove_teacache
 
 CACHE_BACKEND_ENV = "DIFFUSION_CACHE_BACKEND"
 
-CACHE_BACKENDS: dict[str, type[CacheBackend]] = {NoCache.name: NoCache, TeaCacheBackend.name: TeaCacheBackend}
+CACHE_BACKENDS: dict[str, type[CacheBackend]] = {
+    NoCache.name: NoCache,
+    TeaCacheBackend.name: TeaCacheBackend,
+    LearnedCacheBackend.name: LearnedCacheBackend,
+}
 
 
 def cache_backend_names() -> list[str]:
@@ -43,7 +48,10 @@ __all__ = [
     "CacheBackend",
     "CacheSettingsError",
     "CacheTarget",
+    "ForecastCalibrator",
     "GateRecorder",
+    "LearnedCacheBackend",
+    "LearnedCacheConfig",
     "NoCache",
     "Rescaling",
     "TeaCache",
