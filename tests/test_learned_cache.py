@@ -17,7 +17,7 @@ from teaserve.cache import (
     create_cache_backend,
     register_cache_target,
 )
-from teaserve.cache.learned import computed_steps
+from teaserve.cache.learned import computed_count, computed_steps
 from teaserve.pipelines.testing import tiny_flux_pipeline, tiny_qwen_pipeline
 
 
@@ -55,20 +55,23 @@ class StepPipeline:
         return outputs
 
 
-def test_schedule_spreads_computed_steps_evenly_with_first_and_last():
-    assert computed_steps(30, 1.0) == frozenset(range(30))
-    assert computed_steps(30, 3.0) == frozenset({0, 3, 6, 10, 13, 16, 19, 23, 26, 29})
-    assert computed_steps(30, 1000.0) == frozenset({0, 29})
-    assert computed_steps(2, 5.0) == frozenset({0, 1})
+def test_schedule_has_the_first_and_last_step_and_packs_towards_the_end_below_power_one():
+    assert [computed_count(30, speedup) for speedup in (1.0, 3.0, 7.5, 1000.0)] == [30, 10, 4, 2]
+    assert computed_count(2, 5.0) == 2
+    assert computed_steps(30, 30, 0.7) == frozenset(range(30))
+    assert computed_steps(30, 10, 1.0) == frozenset({0, 3, 6, 10, 13, 16, 19, 23, 26, 29})
+    assert computed_steps(30, 5, 0.7) == frozenset({0, 11, 18, 24, 29})
+    assert computed_steps(30, 2, 0.7) == frozenset({0, 29})
+    # Crowded ends stay distinct steps.
+    assert computed_steps(10, 9, 0.3) == frozenset({0, 2, 3, 4, 5, 6, 7, 8, 9})
 
 
 def test_skipped_steps_are_the_weighted_sum_of_the_last_computed_outputs():
     scales = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
     pipe = StepPipeline(scales)
-    schedule = sorted(computed_steps(6, 2.0))
-    assert schedule == [0, 2, 5]
+    assert sorted(computed_steps(6, 3, 1.0)) == [0, 2, 5]
     weights = [None, [0.5], None, [2.0, -1.0], [1.0, 0.25], None]
-    backend = LearnedCacheBackend.from_config({"forecast_weights": {"6": {"3": weights}}})
+    backend = LearnedCacheBackend.from_config({"schedule_power": 1.0, "forecast_weights": {"6": {"3": weights}}})
     backend.apply(pipe)
     outputs = pipe(backend, 2.0)
     # step 1: 0.5 * out(0); steps 3 and 4: w1 * out(2) + w2 * out(0)
@@ -80,7 +83,7 @@ def test_skipped_steps_are_the_weighted_sum_of_the_last_computed_outputs():
     assert (stats["computed_steps"], stats["skipped_steps"]) == (3, 3)
 
     # Without fitted weights for the schedule: the last computed output as it is.
-    backend.configure({})
+    backend.configure({"schedule_power": 1.0})
     assert pipe(backend, 2.0) == [1.0, 1.0, 3.0, 3.0, 3.0, 6.0]
     assert backend.stats()["forecast"] == "reuse"
 
@@ -101,9 +104,9 @@ def test_calibration_recovers_the_least_squares_weights():
         pipe(create_cache_backend("none"))
         calibrator.end_request(8)
     calibrator.detach()
-    weights = calibrator.fit()["forecast_weights"]["8"]
+    weights = calibrator.fit(0.7)["forecast_weights"]["8"]
     assert set(weights) == {str(count) for count in range(2, 8)}
-    schedule = computed_steps(8, 8 / 3)
+    schedule = computed_steps(8, 3, 0.7)
     for step, entry in enumerate(weights["3"]):
         if step in schedule:
             assert entry is None
@@ -111,9 +114,13 @@ def test_calibration_recovers_the_least_squares_weights():
             last = max(c for c in schedule if c < step)
             assert entry == pytest.approx([0.9 ** (step - last)], rel=1e-5)
     # The fitted weights make the forecast exact on the trajectory they were fitted on.
-    backend = LearnedCacheBackend.from_config(calibrator.fit())
-    backend.apply(pipe)
-    assert pipe(backend, 8 / 3) == pytest.approx(scales, rel=1e-5)
+    for settings in calibrator.candidates().values():
+        backend = LearnedCacheBackend.from_config(settings)
+        backend.apply(pipe)
+        assert pipe(backend, 8 / 3) == pytest.approx(scales, rel=1e-5)
+        backend.remove(pipe)
+    with pytest.raises(ValueError, match="fitted for another schedule than schedule_power 1"):
+        LearnedCacheBackend.from_config({**calibrator.fit(0.7), "schedule_power": 1.0})
 
 
 def test_calibrator_with_two_outputs_of_history_fits_a_linear_extrapolation():
@@ -132,11 +139,13 @@ def test_calibrator_with_two_outputs_of_history_fits_a_linear_extrapolation():
 
 
 def test_settings_are_strict_and_requests_untrusted():
-    with pytest.raises(ValueError, match="valid keys: speedup, forecast_weights"):
+    with pytest.raises(ValueError, match="valid keys: speedup, schedule_power, forecast_weights"):
         LearnedCacheBackend.from_config({"speedup": 2.0, "thresh": 1})
     for bad in (0.5, float("nan"), True, "3", 10**400):
         with pytest.raises(ValueError, match="speedup must be a number in"):
             LearnedCacheBackend.from_config({"speedup": bad})
+    with pytest.raises(ValueError, match="schedule_power must be a number in"):
+        LearnedCacheBackend.from_config({"schedule_power": 0})
     for weights in ({"30": {"31": []}}, {"x": {}}, {"4": {"2": [None, [1e9], [1.0], None]}}, {"4": {"2": [None]}}):
         with pytest.raises(ValueError, match="forecast_weights"):
             LearnedCacheBackend.from_config({"forecast_weights": weights})
@@ -191,8 +200,8 @@ def test_on_diffusers_pipelines_never_skipping_is_uncached_and_skipping_forecast
     skipping = pixels(_generate(pipe, backend, **cfg))
     stats = backend.stats()
     assert set(stats["branches"]) == {"cond", "uncond"}
-    # Steps 0, 2 and 5 are computed.
-    assert all(branch["schedule"] == "CSCSSC" for branch in stats["branches"].values())
+    # Steps 0, 3 and 5 are computed (the default schedule packs them towards the end).
+    assert all(branch["schedule"] == "CSSCSC" for branch in stats["branches"].values())
     assert not np.array_equal(skipping, uncached)
     backend.remove(pipe)
     assert np.array_equal(pixels(_generate(pipe, **cfg)), uncached)
@@ -217,7 +226,7 @@ def test_on_bagel_each_branch_forecasts_its_own_calls(tiny_bagel):
         output = generate({"speedup": 2.0})
         branches = output.metrics.cache["branches"]
         assert set(branches) == {"cond", "uncond_text"}
-        assert branches["cond"]["schedule"] == "CSCSSC"
+        assert branches["cond"]["schedule"] == "CSSCSC"
         # The text-free branch runs only inside BAGEL's CFG interval; its first call is always computed.
         assert branches["uncond_text"]["schedule"][0] == "C"
         assert not np.array_equal(pixels(output.images[0]), pixels(uncached.images[0]))
@@ -231,6 +240,6 @@ def test_on_the_embedded_model_through_the_engine():
         cached = omni.generate(prompt, params.replace(cache_config={"speedup": 3.0}))[0]
         stats = cached.metrics.cache
         assert stats["computed_steps"] == 8 and stats["skipped_steps"] == 16  # 4 of 12 steps, both branches
-        assert stats["branches"]["cond"]["schedule"] == "CSSSCSSCSSSC"
+        assert stats["branches"]["cond"]["schedule"] == "CSSSSCSSCSSC"
         difference = np.abs(pixels(cached.images[0]).astype(float) - pixels(uncached.images[0]))
         assert 0 < difference.mean() < 8

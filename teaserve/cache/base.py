@@ -138,6 +138,11 @@ class Calibrator(ABC):
     def fit(self) -> dict[str, Any]:
         """The method's server settings fitted on everything recorded."""
 
+    def candidates(self) -> dict[str, dict[str, Any]]:
+        """Alternative fits, by label, that calibration compares by the PSNR they keep over the tuning grid on
+        validation prompts before writing the best; by default only `fit()`."""
+        return {"fit": self.fit()}
+
 
 class CacheBackend(ABC):
     """A step-caching method. One instance serves one pipeline, one request at a time.
