@@ -274,7 +274,7 @@ class LearnedCacheBackend(CacheBackend):
     name = NAME
     request_keys = REQUEST_KEYS
     tuning_key = "speedup"
-    tuning_values = (1.5, 2.0, 3.0, 4.0, 6.0)
+    tuning_values = (2.0, 4.0, 6.0, 7.5, 10.0)
 
     def __init__(self) -> None:
         super().__init__()
