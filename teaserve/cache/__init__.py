@@ -10,13 +10,18 @@ import os
 from typing import Any
 
 from .base import CacheBackend, CacheSettingsError, NoCache, parse_config, parse_config_json
+from .cache_dit import CacheDiTBackend
 from .calibration import GateRecorder, record_gate_changes
 from .targets import CacheTarget, cache_target_for, register_cache_target, registered_transformers
 from .teacache import Rescaling, TeaCache, TeaCacheBackend, TeaCacheConfig, apply_teacache, remove_teacache
 
 CACHE_BACKEND_ENV = "DIFFUSION_CACHE_BACKEND"
 
-CACHE_BACKENDS: dict[str, type[CacheBackend]] = {NoCache.name: NoCache, TeaCacheBackend.name: TeaCacheBackend}
+CACHE_BACKENDS: dict[str, type[CacheBackend]] = {
+    NoCache.name: NoCache,
+    TeaCacheBackend.name: TeaCacheBackend,
+    CacheDiTBackend.name: CacheDiTBackend,
+}
 
 
 def cache_backend_names() -> list[str]:
