@@ -22,6 +22,8 @@ Statistics come from watching the blocks: a call whose every block ran is a comp
 from __future__ import annotations
 
 import inspect
+import logging
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -36,6 +38,8 @@ NAME = "cache_dit"
 INSTALL_HINT = "pip install 'teaserve[cache-dit]'"
 CALLS_HOOK = "teaserve_cache_dit_calls"
 BRANCH_HOOK = "teaserve_cache_dit_branches"
+CACHE_DIT_LOGGER = "CACHE_DIT"
+"""The logger whose console handler all of cache-dit's loggers share."""
 
 MAX_STEP_COUNT = 10_000
 MAX_BLOCK_COUNT = 1_000
@@ -52,6 +56,10 @@ def import_cache_dit():
         raise ValueError(
             f"the {NAME} cache backend needs the cache-dit package, which is not installed ({error}): {INSTALL_HINT}"
         ) from None
+    # cache-dit logs to stdout, where the CLI and the benchmarks write their results: its lines go to stderr.
+    for handler in logging.getLogger(CACHE_DIT_LOGGER).handlers:
+        if type(handler) is logging.StreamHandler:
+            handler.setStream(sys.stderr)
     return cache_dit
 
 
