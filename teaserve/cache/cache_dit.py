@@ -241,12 +241,17 @@ class CallObserver(ModelHook):
         return module
 
 
+def _limit(value: int | None) -> int:
+    return -1 if value is None else value  # cache-dit's "unlimited"
+
+
 class CacheDiT:
     """cache-dit's DBCache on one transformer, driven request by request; `remove()` takes it off."""
 
     def __init__(self, transformer: torch.nn.Module, config: CacheDiTConfig, target: CacheTarget):
         self.cache_dit = import_cache_dit()
         registry = HookRegistry.check_if_exists_or_initialize(transformer)
+        # `_is_cached` is how cache-dit marks a transformer it caches, whoever applied it.
         if registry.get_hook(CALLS_HOOK) is not None or getattr(transformer, "_is_cached", False):
             raise ValueError("cache-dit is already applied to this transformer; remove it first")
         self.transformer, self.config = transformer, config
@@ -281,19 +286,16 @@ class CacheDiT:
     def _context_settings(self, *, separate_cfg: bool, full: bool) -> dict[str, Any]:
         """cache-dit's cache and calibrator configs: DBCache from the request's second step on, or (`full`) every
         block computed. Every field is explicit: a refresh keeps the old value of a field given as None."""
-        config, request = self.config, self.request
-        unlimited = -1
+        config = self.config
         cache_config = self.cache_dit.DBCacheConfig(
             Fn_compute_blocks=config.Fn_compute_blocks,
             Bn_compute_blocks=config.Bn_compute_blocks,
-            residual_diff_threshold=request.threshold,
+            residual_diff_threshold=self.request.threshold,
             # The context starts at the request's second step: its step numbers are one less.
             max_warmup_steps=max(config.max_warmup_steps - 1, 0),
             warmup_interval=1,
-            max_cached_steps=0 if full else (config.max_cached_steps if config.max_cached_steps is not None else -1),
-            max_continuous_cached_steps=(
-                config.max_continuous_cached_steps if config.max_continuous_cached_steps is not None else unlimited
-            ),
+            max_cached_steps=0 if full else _limit(config.max_cached_steps),
+            max_continuous_cached_steps=_limit(config.max_continuous_cached_steps),
             enable_separate_cfg=separate_cfg,
             cfg_compute_first=False,
             cfg_diff_compute_separate=True,
@@ -345,6 +347,7 @@ class CacheDiT:
         """New settings from the next request on (block counts that do not fit raise and change nothing)."""
         check_block_counts(config, self.lists)
         self.config = config
+        self.request = Request(config.residual_diff_threshold)
 
     def begin_request(self, num_steps: int | None, overrides: dict[str, Any] | None = None) -> None:
         overrides = overrides or {}
