@@ -13,9 +13,10 @@ with `.transformer`, `begin_request`, `set_step`, `stats`, `remove`):
   speedup (uncached seconds / these, same run), their ratio, and how far the final latents moved.
 Random weights time the machinery truthfully but say nothing about quality: skip decisions on them are arbitrary.
 
-A backend that fails is reported with its error; a time budget (default 450 s from start) stops the run between
-measurements; the uncached reference is measured again at the end when there is time (drift). One JSON document
-goes to stdout (and to `--out`), progress to stderr.
+A backend that fails is reported with its error. A time budget (default 450 s from start) stops the run between
+measurements, or inside one still running when it is spent (reported as that backend's error). The uncached
+reference is measured again at the end when there is time (drift). One JSON document goes to stdout (and to
+`--out`), progress to stderr.
 
     python benchmarks/gpu_frontier.py                   # H200: about 6-8 minutes
     python benchmarks/gpu_frontier.py --checkpoint /models/Qwen-Image
@@ -136,8 +137,11 @@ class Denoiser:
         )[0]
 
     @torch.inference_mode()
-    def run(self, steps: int, backend=None, overrides: dict[str, Any] | None = None) -> tuple[float, torch.Tensor]:
-        """(seconds, final latents) of one request of `steps` steps, told to `backend` as the engine tells it."""
+    def run(
+        self, steps: int, backend=None, overrides: dict[str, Any] | None = None, *, deadline: float | None = None
+    ) -> tuple[float, torch.Tensor]:
+        """(seconds, final latents) of one request of `steps` steps, told to `backend` as the engine tells it; a
+        TimeoutError when it is still running at `deadline` (time.monotonic)."""
         if backend is not None:
             backend.begin_request(steps, overrides)
         sigmas = flow_sigmas(steps, self.workload.image_tokens)
@@ -155,6 +159,8 @@ class Denoiser:
             latents = (latents.float() + (sigmas[index + 1] - sigmas[index]) * prediction.float()).to(latents.dtype)
             if backend is not None:
                 backend.set_step(index + 1)
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"the time budget ran out after {index + 1} of {steps} steps")
         # What a diffusers pipeline does when it ends: stateful cache hooks start over.
         self.transformer._reset_stateful_cache()
         self.synchronize()
@@ -182,6 +188,10 @@ class Budget:
     @property
     def elapsed(self) -> float:
         return time.monotonic() - self.started
+
+    @property
+    def deadline(self) -> float:
+        return self.started + self.seconds
 
     def allows(self, estimate: float) -> bool:
         return self.elapsed + estimate <= self.seconds
@@ -244,7 +254,7 @@ def measure_backend(
         if overrides is None:
             result["gate_overhead"] = {"error": f"none of {list(NEVER_SKIP_VALUES)} is a valid tuning value"}
         else:
-            seconds, _ = denoiser.run(workload.overhead_steps, backend, overrides)
+            seconds, _ = denoiser.run(workload.overhead_steps, backend, overrides, deadline=budget.deadline)
             stats = backend.stats() or {}
             seconds_per_step = seconds / workload.overhead_steps
             result["gate_overhead"] = {
@@ -260,7 +270,9 @@ def measure_backend(
             if not budget.allows(per_step * workload.steps * 1.3):
                 result["stopped"] = "time budget"
                 break
-            seconds, latents = denoiser.run(workload.steps, backend, {backend.tuning_key: value})
+            seconds, latents = denoiser.run(
+                workload.steps, backend, {backend.tuning_key: value}, deadline=budget.deadline
+            )
             stats = backend.stats() or {}
             evaluations = stack_evaluations(stats, 2 * workload.steps)
             ideal = baseline["stack_evaluations"] / evaluations if evaluations else None
@@ -369,7 +381,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     log(f"uncached: {seconds:.2f} s for {workload.steps} steps")
     for name in sorted(CACHE_BACKENDS):  # whatever is registered when this runs
         log(f"{name} ({budget.elapsed:.0f} s elapsed)")
-        document["backends"][name] = measure_backend(name, denoiser, baseline, reference, budget)
+        result = document["backends"][name] = measure_backend(name, denoiser, baseline, reference, budget)
+        speedups = [
+            f"{run['ideal_speedup'] or 0:.2f}x ideal, {run['realized_speedup']:.2f}x" for run in result.get("runs", [])
+        ]
+        log(f"{name}: {'; '.join(speedups) or result.get('error') or result.get('skipped') or result.get('note')}")
     # The reference again, when there is time: how much the device's speed drifted over the run.
     if budget.allows(baseline["seconds"] * 1.3):
         seconds, _ = denoiser.run(workload.steps)

@@ -110,3 +110,20 @@ def test_a_spent_budget_stops_between_measurements(documents):
         if result["tuning_key"] is not None:
             assert result["skipped"].startswith("time budget"), name
             assert "runs" not in result
+
+
+def test_a_run_still_going_when_the_budget_is_spent_stops_after_its_current_step(monkeypatch):
+    import time
+
+    import torch
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_frontier
+
+    workload = gpu_frontier.Workload(4, 4, 3, 2, 4.0, torch.device("cpu"), torch.float32)
+    transformer, _ = gpu_frontier.build_transformer(None, True, workload)
+    denoiser = gpu_frontier.Denoiser(transformer, workload)
+    seconds, latents = denoiser.run(3, deadline=time.monotonic() + 600)
+    assert seconds > 0 and latents.shape == denoiser.noise.shape
+    with pytest.raises(TimeoutError, match="the time budget ran out after 1 of 3 steps"):
+        denoiser.run(3, deadline=time.monotonic() - 1)
