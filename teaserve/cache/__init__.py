@@ -1,4 +1,4 @@
-"""Step-caching backends, selected by name ("none", "tea_cache"), on the cache targets model families declare.
+"""Step-caching backends, selected by name ("none", "tea_cache", "learned", ...), on the cache targets model families declare.
 
 A backend is one file with its config, hooks and an `apply_*` function; it learns what it needs about a
 transformer from the `CacheTarget` registered for the transformer's class, so it works on every declared model.
@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 from .base import CacheBackend, CacheSettingsError, NoCache, parse_config, parse_config_json
+from .cache_dit import CacheDiTBackend
 from .calibration import GateRecorder, record_gate_changes
 from .learned import ForecastCalibrator, LearnedCacheBackend, LearnedCacheConfig
 from .targets import CacheTarget, cache_target_for, register_cache_target, registered_transformers
@@ -21,6 +22,7 @@ CACHE_BACKENDS: dict[str, type[CacheBackend]] = {
     NoCache.name: NoCache,
     TeaCacheBackend.name: TeaCacheBackend,
     LearnedCacheBackend.name: LearnedCacheBackend,
+    CacheDiTBackend.name: CacheDiTBackend,
 }
 
 
