@@ -10,7 +10,8 @@ from conftest import pixels
 
 from teaserve import Omni, OmniDiffusionSamplingParams
 from teaserve.cache import NoCache
-from teaserve.engine import AsyncEngine, CacheProfile, RequestCancelledError
+from teaserve.cli.args import build_parser
+from teaserve.engine import AsyncEngine, CacheProfile, EngineArgs, RequestCancelledError
 from teaserve.engine.cache_profile import MAX_PROFILE_BYTES
 from teaserve.pipelines import load_model
 
@@ -195,3 +196,11 @@ def test_a_profile_of_another_transformer_is_refused(tiny_qwen, tmp_path):
         AsyncEngine(str(tiny_qwen), cache_profile=str(profile))
     with pytest.raises(ValueError, match="cannot read cache profile"):
         CacheProfile.read(tmp_path)
+
+
+def test_cache_profile_is_a_flag_of_serve_generate_and_bench():
+    parser = build_parser()
+    for command in (["serve"], ["generate", "a cat"], ["bench"]):
+        args = parser.parse_args([*command, "--cache-profile", "profile.json"])
+        assert args.cache_profile == "profile.json"
+    assert EngineArgs.from_cli_args(parser.parse_args(["serve", "--cache-profile", "p.json"])).cache_profile == "p.json"
