@@ -4,7 +4,7 @@ one profile that --cache-profile (and TeaCache's coefficients_file) loads."""
 import json
 
 import pytest
-from fake_backends import ScaledOutput
+from fake_backends import CallCounter, ScaledOutput
 
 from teaserve import Omni, OmniDiffusionSamplingParams
 from teaserve.cache import CACHE_BACKENDS, TeaCacheBackend, TeaCacheConfig
@@ -87,13 +87,28 @@ class Unsupported(ScaledOutput):
         raise ValueError("this transformer is not supported")
 
 
+class FailingFit(CallCounter):
+    def fit(self):
+        raise ValueError("nothing to fit on")
+
+
+class Unfittable(ScaledOutput):
+    name = "unfittable_cache"
+
+    @classmethod
+    def calibrator(cls):
+        return FailingFit()
+
+
 def test_a_backend_that_does_not_work_here_is_skipped_unless_named(tiny_qwen, monkeypatch):
-    monkeypatch.setitem(CACHE_BACKENDS, Unsupported.name, Unsupported)
+    for backend in (Unsupported, Unfittable):
+        monkeypatch.setitem(CACHE_BACKENDS, backend.name, backend)
     model = load_model(str(tiny_qwen))
     notes = []
     calibration = calibrate(model, None, ["x"], [], [0], PARAMS, [4], log=notes.append)
     assert [result.name for result in calibration.backends] == ["tea_cache"]
-    assert "skipping unsupported_cache: ValueError: this transformer is not supported" in notes
+    assert "skipping unsupported_cache: ValueError: this transformer is not supported" in notes  # before recording
+    assert "skipping unfittable_cache: ValueError: nothing to fit on" in notes  # after it
     with pytest.raises(ValueError, match="not supported"):
         calibrate(model, ["unsupported_cache"], ["x"], [], [0], PARAMS, [4])
     with pytest.raises(ValueError, match="no tuning key to sweep"):

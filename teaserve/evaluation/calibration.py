@@ -341,18 +341,37 @@ def calibrate(
         )
         for name in names:
             calibrator = calibrators[name]
-            settings = {} if calibrator is None else calibrator.fit()
-            if isinstance(calibrator, ProfileCalibrator) and validation_prompts and len(calibrator.candidates()) > 1:
-                label, scores = validate(
-                    engine, name, calibrator.candidates(), validation_prompts, params, step_counts, references, log
+            try:
+                settings = {} if calibrator is None else calibrator.fit()
+                if (
+                    isinstance(calibrator, ProfileCalibrator)
+                    and validation_prompts
+                    and len(calibrator.candidates()) > 1
+                ):
+                    label, scores = validate(
+                        engine, name, calibrator.candidates(), validation_prompts, params, step_counts, references, log
+                    )
+                    calibrator.choose(label, scores)
+                    settings = calibrator.fit()
+                grid, table = quality_table(
+                    engine, name, settings, prompts, seeds, params, step_counts, references, log
                 )
-                calibrator.choose(label, scores)
-                settings = calibrator.fit()
-            grid, table = quality_table(engine, name, settings, prompts, seeds, params, step_counts, references, log)
+            except Exception as error:  # a long calibration keeps every other backend's results
+                skip_or_raise(name, error, explicit=backends is not None, log=log)
+                continue
             calibration.backends.append(BackendCalibration(name, settings, grid, table, calibrator))
     finally:
         engine.shutdown()
+    if not calibration.backends:
+        raise ValueError("no cache backend could be calibrated on this model (see the notes above)")
     return calibration
+
+
+def skip_or_raise(name: str, error: Exception, *, explicit: bool, log: Log) -> None:
+    """A backend that fails is dropped with a note, unless the user named it (`explicit`): then it stops the run."""
+    if explicit:
+        raise error
+    log(f"skipping {name}: {type(error).__name__}: {error}")
 
 
 def attach_calibrators(
@@ -372,9 +391,7 @@ def attach_calibrators(
                 else:
                     calibrator.attach(transformer)
             except Exception as error:  # any failure to attach or apply one method only drops that method
-                if explicit:
-                    raise
-                log(f"skipping {name}: {type(error).__name__}: {error}")
+                skip_or_raise(name, error, explicit=explicit, log=log)
                 continue
             attached[name] = calibrator
     except BaseException:
