@@ -45,4 +45,4 @@ def tuning_grid(values: Sequence[float]) -> list[float]:
         grid.append(2 * values[-1] - values[-2])
     if all(float(value).is_integer() for value in values):
         return sorted({round(value) for value in grid})
-    return sorted(set(grid))
+    return sorted({float(f"{value:.12g}") for value in grid})  # 0.3, not 0.30000000000000004, in profiles
