@@ -27,6 +27,7 @@ from teaserve.cli.main import quiet_libraries
 from teaserve.engine import AsyncEngine, OmniDiffusionSamplingParams
 from teaserve.evaluation.bench import format_table, run_bench
 from teaserve.evaluation.prompts import GENERIC_PROMPTS
+from teaserve.evaluation.sweeps import Variant
 from teaserve.pipelines.testing import build_tiny_qwen_image
 
 
@@ -79,14 +80,15 @@ def main() -> None:
             f"transformer: {args.layers} layers, width {transformer.inner_dim}, {tokens} image tokens, "
             f"{sum(p.numel() for p in transformer.parameters()) / 1e6:.1f}M parameters; {args.steps} steps, no CFG"
         )
-        rows = run_bench(engine, prompts, [0], thresholds, params=params)
+        variants = [Variant("tea_cache", "tea_cache")]
+        rows = run_bench(engine, prompts, [0], [args.steps], variants, values={"tea_cache": thresholds}, params=params)
         computed_call, skipped_call, schedules = per_call_costs(engine, prompts, params, thresholds)
         engine.shutdown()
     print(format_table(rows))
     print("\nrealized / ideal speedup, summed request times (end to end; transformer time only):")
     for row in rows[1:]:
         print(
-            f"  threshold {row.threshold:g}: ideal {row.ideal_speedup:.2f}x, realized {row.speedup:.2f}x -> "
+            f"  threshold {row.label}: ideal {row.ideal_speedup:.2f}x, realized {row.speedup:.2f}x -> "
             f"{row.realized_over_ideal:.3f}; transformer {row.transformer_speedup:.2f}x -> "
             f"{row.transformer_realized_over_ideal:.3f}"
         )

@@ -90,7 +90,9 @@ def test_calibrate_writes_a_profile_that_tea_cache_loads(tmp_path, tiny_qwen):
             "--steps",
             "5,8",
             "--seeds",
-            "0,1",
+            "0",
+            "--backend",
+            "tea_cache",
             "-o",
             str(profile_path),
         ],
@@ -102,7 +104,8 @@ def test_calibrate_writes_a_profile_that_tea_cache_loads(tmp_path, tiny_qwen):
     assert "R^2" in result.stdout and "branch uncond" in result.stdout and "8 steps" in result.stdout
     profile = json.loads(profile_path.read_text())
     # prompts x seeds x branches x (steps - 1) pairs, over both step counts
-    assert profile["points"] == 2 * 2 * 2 * (4 + 7) and profile["num_inference_steps"] == [5, 8]
+    assert profile["points"] == 2 * 1 * 2 * (4 + 7) and profile["num_inference_steps"] == [5, 8]
+    assert sorted(profile["cache"]["tea_cache"]["quality_table"]) == ["5", "8"]
     assert len(profile["coefficients"]) == 5
     low, high = profile["x_range"]
     assert 0 < low < high and {key: len(value["x_range"]) for key, value in profile["by_steps"].items()} == {

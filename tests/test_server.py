@@ -231,12 +231,13 @@ def test_models_health_ready_version(server):
 def test_metrics_move(server):
     before_ok = metric(server, "teaserve_requests_total", endpoint="generations", status="200")
     before_bad = metric(server, "teaserve_requests_total", endpoint="generations", status="400")
-    before_steps = metric(server, "teaserve_denoising_steps_total", kind="computed")
+    steps = {"backend": "tea_cache", "branch": "cond", "kind": "computed"}  # as printed: sorted
+    before_steps = metric(server, "teaserve_denoising_steps_total", **steps)
     server.client().images.generate(prompt="x", extra_body={"num_inference_steps": 3})
     httpx.post(f"{server.url}/v1/images/generations", json={"prompt": "x", "n": 0})
     assert metric(server, "teaserve_requests_total", endpoint="generations", status="200") == before_ok + 1
     assert metric(server, "teaserve_requests_total", endpoint="generations", status="400") == before_bad + 1
-    assert metric(server, "teaserve_denoising_steps_total", kind="computed") > before_steps
+    assert metric(server, "teaserve_denoising_steps_total", **steps) > before_steps
     assert metric(server, "teaserve_queue_depth") == 0
     assert "teaserve_request_latency_seconds_bucket" in httpx.get(f"{server.url}/metrics").text
 

@@ -8,9 +8,9 @@ from .. import __version__
 from ..engine import EngineArgs, OmniDiffusionSamplingParams
 from ..engine.args import flag_of, json_object_arg
 from ..engine.params import parse_size, values_from_strings
-from ..evaluation.sweeps import CALIBRATION_STEPS, DEFAULT_THRESHOLDS, Variant
+from ..evaluation.sweeps import CALIBRATION_STEPS, QUALITY_LEVELS_DB, Variant
 
-CACHE_AND_DEVICE = ("cache_backend", "cache_config", "device", "dtype")
+PROFILE_AND_DEVICE = ("cache_profile", "device", "dtype")
 """The engine settings that bench reads (calibrate: the device ones)."""
 
 SAMPLING_FLAGS = {"num_inference_steps": ("--steps",), "num_outputs_per_prompt": ("-n", "--num-images")}
@@ -115,11 +115,30 @@ def _ints(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part.strip()]
 
 
+def _names(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 def _variant(text: str) -> Variant:
-    name, separator, config = text.partition("=")
-    if not separator:
-        raise argparse.ArgumentTypeError(f"a variant looks like NAME=JSON, got {text!r}")
-    return Variant(name, json_object_arg(config))
+    label, separator, rest = text.partition("=")
+    backend, colon, config = rest.partition(":")
+    if not separator or not label or not colon or not backend or backend.lstrip().startswith("{"):
+        raise argparse.ArgumentTypeError(
+            f'a variant looks like LABEL=BACKEND:JSON, e.g. \'qwen-coefficients=tea_cache:{{"coefficients": '
+            f"[-450, 280, -45, 3.2, -0.02]}}', got {text!r}"
+        )
+    return Variant(label, backend.strip(), json_object_arg(config))
+
+
+def _values(text: str) -> tuple[str, list[float]]:
+    name, separator, values = text.partition("=")
+    try:
+        parsed = _floats(values)
+    except ValueError:
+        parsed = []
+    if not separator or not name.strip() or not parsed:
+        raise argparse.ArgumentTypeError(f"values look like BACKEND=V1,V2,..., e.g. tea_cache=0.2,0.4, got {text!r}")
+    return name.strip(), parsed
 
 
 def _add_sweep_flags(parser: argparse.ArgumentParser) -> None:
@@ -133,27 +152,63 @@ def _add_sweep_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_bench(subparsers) -> None:
-    parser = subparsers.add_parser("bench", help="measure cached against uncached speed and quality")
+    parser = subparsers.add_parser(
+        "bench", help="compare cache backends against uncached: speed and quality, side by side in one run"
+    )
     _add_sweep_flags(parser)
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
-    parser.add_argument("--thresholds", type=_floats, default=list(DEFAULT_THRESHOLDS), help="comma-separated")
+    parser.add_argument(
+        "--steps", type=_ints, default=[], help="comma-separated denoising step counts (default: the model's)"
+    )
+    parser.add_argument(
+        "--backends",
+        type=_names,
+        default=None,
+        help="comma-separated cache backends to compare (default: every one with a tuning key that works on the "
+        "model, unless --variant is given)",
+    )
+    parser.add_argument(
+        "--values",
+        type=_values,
+        action="append",
+        default=[],
+        metavar="BACKEND=V1,V2",
+        help="the tuning values to sweep for a backend (repeatable; default: the backend's own)",
+    )
     parser.add_argument(
         "--variant",
         type=_variant,
         action="append",
-        default=None,
-        metavar="NAME=JSON",
-        help="server cache settings to sweep the thresholds on, over --cache-config (repeatable; default: those)",
+        default=[],
+        metavar="LABEL=BACKEND:JSON",
+        help="a labelled set of server settings of a backend to sweep too, over the model's and --cache-profile's "
+        "(repeatable)",
+    )
+    parser.add_argument(
+        "--quality-targets",
+        type=_floats,
+        default=list(QUALITY_LEVELS_DB),
+        metavar="DB,DB",
+        help="quality targets (mean PSNR dB) to request where a backend has a quality table; '' for none "
+        f"(default: {','.join(f'{level:g}' for level in QUALITY_LEVELS_DB)})",
     )
     parser.add_argument("--warmup", type=int, default=1, help="uncached warm-up runs, not counted")
-    parser.add_argument("--json", default=None, help="also write the table as JSON here")
-    parser.add_argument("--plot", default=None, help="also draw speedup against PSNR into this PNG")
-    EngineArgs.add_cli_args(parser, only=CACHE_AND_DEVICE)
+    parser.add_argument("--json", default=None, help="also write rows and frontiers as JSON here")
+    parser.add_argument("--plot", default=None, help="also draw every frontier (one panel per step count) to this PNG")
+    EngineArgs.add_cli_args(parser, only=PROFILE_AND_DEVICE)
 
 
 def _add_calibrate(subparsers) -> None:
-    parser = subparsers.add_parser("calibrate", help="fit TeaCache's coefficients to a model")
+    parser = subparsers.add_parser(
+        "calibrate", help="fit cache backends to a model and measure their quality tables into one profile"
+    )
     _add_sweep_flags(parser)
+    parser.add_argument(
+        "--backend",
+        type=_names,
+        default=None,
+        metavar="NAME[,NAME...]",
+        help="the cache backends to calibrate (default: every one with a tuning key that works on the model)",
+    )
     parser.add_argument(
         "--steps",
         type=_ints,
@@ -165,9 +220,10 @@ def _add_calibrate(subparsers) -> None:
         type=int,
         default=0,
         metavar="N",
-        help="check shrinkages of the fit on N further prompts and keep the best (default: off)",
+        help="compare a backend's candidate fits (TeaCache: shrinkages of its polynomial) on N further prompts and "
+        "keep the best (default: off)",
     )
-    parser.add_argument("-o", "--output", default="teacache-profile.json", help="where to write the profile")
+    parser.add_argument("-o", "--output", default="cache-profile.json", help="where to write the profile")
     EngineArgs.add_cli_args(parser, only=("device", "dtype"))
 
 

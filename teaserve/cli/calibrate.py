@@ -1,20 +1,19 @@
-"""`teaserve calibrate`: fit TeaCache's rescaling polynomial to a model over several step counts and write a
-profile that `--cache-config '{"coefficients_file": PROFILE}'` loads (the logic: `teaserve.evaluation.calibration`).
-"""
+"""`teaserve calibrate`: fit cache backends to a model over several step counts, measure their quality tables, and
+write one profile that `--cache-profile PROFILE` loads (the logic: `teaserve.evaluation.calibration`). TeaCache's
+coefficients also load with `--cache-config '{"coefficients_file": PROFILE}'`."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-from ..evaluation.calibration import calibrate, profile, report
+from ..evaluation.calibration import calibrate
 from ..evaluation.prompts import model_prompts
 from ..evaluation.sweeps import CALIBRATION_PROMPTS
 from ..pipelines import load_model
-from .bench import sweep_params
+from .bench import log, sweep_params
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,15 +28,13 @@ def run(args: argparse.Namespace) -> int:
             f"prompts, there are {len(candidates)}: give more with --prompts FILE (one per line)"
         )
     prompts, validation = candidates[:count], candidates[count : count + args.validate]
-    calibration = calibrate(
-        model, prompts, validation, args.seeds, params, args.steps, log=lambda m: print(m, file=sys.stderr)
-    )
+    calibration = calibrate(model, args.backend, prompts, validation, args.seeds, params, args.steps, log=log)
     print(
-        f"model {model.name} ({type(model.pipeline.transformer).__name__}): {len(prompts)} prompts x "
-        f"{len(args.seeds)} seeds x {len(args.steps)} step counts, {time.perf_counter() - started:.0f} s"
+        f"model {model.name} ({calibration.transformer}): {len(prompts)} prompts x {len(args.seeds)} seeds x "
+        f"{len(args.steps)} step counts, {time.perf_counter() - started:.0f} s"
     )
-    print("\n".join(report(calibration)))
+    print("\n".join(calibration.report()))
     output_path = Path(args.output)
-    output_path.write_text(json.dumps(profile(model, calibration, prompts, args.seeds), indent=2) + "\n")
-    print(f'wrote {output_path}; use it with --cache-config \'{{"coefficients_file": "{output_path}"}}\'')
+    output_path.write_text(json.dumps(calibration.profile(), indent=2) + "\n")
+    print(f"wrote {output_path}; serve with it: --cache-profile {output_path}")
     return 0

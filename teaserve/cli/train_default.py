@@ -13,8 +13,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ..cache import TeaCacheBackend
 from ..engine import OmniDiffusionSamplingParams
-from ..evaluation.calibration import calibrate, profile, report
+from ..evaluation.calibration import calibrate
 from ..evaluation.sweeps import CALIBRATION_PROMPTS, CALIBRATION_STEPS
 from ..pipelines import load_model
 from ..pipelines.default_model import shapes
@@ -38,21 +39,28 @@ def run(args: argparse.Namespace) -> int:
 
 
 def calibrate_and_evaluate(folder: Path, evaluate_count: int, log: Callable[[str], None]) -> None:
-    """Fit TeaCache's coefficients to a trained shapes model (into its teaserve.json), then check it on
-    held-out captions (evaluation.json, samples.png)."""
+    """Fit TeaCache's coefficients to a trained shapes model and measure its quality table (into its
+    teaserve.json), then check it on held-out captions (evaluation.json, samples.png)."""
     log("calibrating TeaCache on training captions")
     captions = [scene.caption for scene in shapes.split_scenes()[0]]
     calibration_prompts = captions[:CALIBRATION_PROMPTS]
     validation = captions[CALIBRATION_PROMPTS : CALIBRATION_PROMPTS + VALIDATION_PROMPTS]
     model = load_model(str(folder))
     calibration = calibrate(
-        model, calibration_prompts, validation, CALIBRATION_SEEDS, OmniDiffusionSamplingParams(), CALIBRATION_STEPS, log
+        model,
+        [TeaCacheBackend.name],
+        calibration_prompts,
+        validation,
+        CALIBRATION_SEEDS,
+        OmniDiffusionSamplingParams(),
+        CALIBRATION_STEPS,
+        log,
     )
-    record = profile(model, calibration, calibration_prompts, CALIBRATION_SEEDS)
-    print("\n".join(report(calibration)))
+    record = calibration.profile()
+    print("\n".join(calibration.report()))
     (folder / "teacache-profile.json").write_text(json.dumps(record, indent=2) + "\n")
     model_profile = json.loads((folder / MODEL_PROFILE_FILE).read_text())
-    model_profile["cache"] = {"tea_cache": {"coefficients": record["coefficients"], "x_range": record["x_range"]}}
+    model_profile["cache"] = record["cache"]
     (folder / MODEL_PROFILE_FILE).write_text(json.dumps(model_profile, indent=2) + "\n")
 
     log("evaluating on held-out captions")
@@ -67,4 +75,7 @@ def calibrate_and_evaluate(folder: Path, evaluate_count: int, log: Callable[[str
         json.dumps({"held_out": len(evaluation.scenes), **accuracy}, indent=2) + "\n"
     )
     sample_grid(evaluation, folder / "samples.png")
-    print(f"wrote {folder} (teaserve.json with calibrated TeaCache coefficients, samples.png, evaluation.json)")
+    print(
+        f"wrote {folder} (teaserve.json with calibrated TeaCache coefficients and quality table, samples.png, "
+        "evaluation.json)"
+    )

@@ -3,6 +3,7 @@ AsyncEngine and Omni."""
 
 from .args import DEFAULT_MAX_QUEUE_SIZE, EngineArgs
 from .async_engine import AsyncEngine, RequestHandle
+from .cache_profile import CacheProfile
 from .errors import (
     DeviceOutOfMemoryError,
     EngineStoppedError,
@@ -23,6 +24,7 @@ __all__ = [
     "MAX_OUTPUTS",
     "MAX_STEPS",
     "AsyncEngine",
+    "CacheProfile",
     "DeviceOutOfMemoryError",
     "EngineArgs",
     "EngineStoppedError",

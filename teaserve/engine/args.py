@@ -60,6 +60,14 @@ class EngineArgs:
             "cache settings as a JSON object, e.g. '{\"rel_l1_thresh\": 0.2}'", type=json_object_arg, metavar="JSON"
         ),
     )
+    cache_profile: str | Path | None = field(
+        default=None,
+        metadata=_flag(
+            "a cache profile written by `teaserve calibrate` (JSON): its settings per backend layer between the "
+            "model folder's and --cache-config",
+            metavar="FILE",
+        ),
+    )
     device: str | None = field(default=None, metadata=_flag("auto (default), cpu, cuda, cuda:N"))
     dtype: str | None = field(
         default=None, metadata=_flag("auto: bfloat16 on GPU, float32 on CPU", choices=DTYPE_CHOICES)

@@ -18,9 +18,11 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
-from ..cache import CACHE_BACKENDS, create_cache_backend, resolve_backend_name
+from ..cache import CACHE_BACKENDS, CacheBackend, resolve_backend_name
+from ..cache.base import QUALITY_TARGET, check_quality_target
 from ..pipelines import LoadedModel, architectures_with_knob, editing_architectures, load_model
 from .args import EngineArgs
+from .cache_profile import CacheProfile
 from .errors import (
     DeviceOutOfMemoryError,
     EngineStoppedError,
@@ -82,19 +84,21 @@ class AsyncEngine:
 
     def __init__(self, model: str | Path | LoadedModel | EngineArgs | None = None, **settings: Any):
         self.args = args = EngineArgs.of(model, settings)
-        self.cache_backend_name = resolve_backend_name(args.cache_backend)
-        create_cache_backend(self.cache_backend_name, args.cache_config)  # bad settings fail before a long load
+        backend_name = resolve_backend_name(args.cache_backend)
+        self.cache_profile = CacheProfile() if args.cache_profile is None else CacheProfile.read(args.cache_profile)
+        check_settings_before_loading(backend_name, self.cache_profile.settings.get(backend_name), args.cache_config)
         if isinstance(args.model, LoadedModel):
             self.model = args.model
         else:
             self.model = load_model(args.model, device=args.device, dtype=args.dtype)
-        # The model's own recommendation (e.g. calibrated coefficients) under the user's settings.
-        backend = CACHE_BACKENDS[self.cache_backend_name]
-        model_settings = self.model.cache_defaults.get(self.cache_backend_name)
-        self.cache = backend.from_config(backend.merge_settings(model_settings, args.cache_config))
-        self._worker = ModelWorker(self.model, self.cache, profile=args.profile)
+        self.cache_profile.check_transformer(self.model.pipeline.transformer)
+        self._worker = ModelWorker(
+            self.model, self.create_cache_backend(backend_name, args.cache_config), profile=args.profile
+        )
         self.max_queue_size = args.max_queue_size
         self._queue: queue.Queue[RequestHandle | None] = queue.Queue(maxsize=args.max_queue_size)
+        self._run_lock = threading.Lock()
+        """Held while a request runs: a backend swap never overlaps one."""
         self._active: dict[str, RequestHandle] = {}
         self._running: RequestHandle | None = None
         self._progress_at: float | None = None
@@ -103,6 +107,53 @@ class AsyncEngine:
         self._stopped = False
         self._thread = threading.Thread(target=self._serve, name="teaserve-worker", daemon=True)
         self._thread.start()
+
+    # -- the cache backend ---------------------------------------------------------------------
+    @property
+    def cache(self) -> CacheBackend:
+        """The cache backend requests run with."""
+        return self._worker.cache
+
+    @property
+    def cache_backend_name(self) -> str:
+        return self.cache.name
+
+    def cache_settings(self, name: str, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The server settings of backend `name` on this model: the model folder's own, then the cache profile's,
+        then `settings` (each layer over the previous one the way the backend merges settings)."""
+        backend = CACHE_BACKENDS[name]
+        merged: dict[str, Any] = {}
+        for layer in (self.model.cache_defaults.get(name), self.cache_profile.settings.get(name), settings):
+            merged = backend.merge_settings(merged, layer)
+        return merged
+
+    def create_cache_backend(self, name: str, settings: dict[str, Any] | None = None) -> CacheBackend:
+        """A backend `name` for this model with `settings` over the model's and the profile's (see
+        `cache_settings`); bad settings raise a ValueError. Not applied: see `use_cache_backend`."""
+        name = resolve_backend_name(name)
+        return CACHE_BACKENDS[name].from_config(self.cache_settings(name, settings))
+
+    def use_cache_backend(self, backend: CacheBackend) -> CacheBackend:
+        """Run the next requests with `backend` (e.g. one from `create_cache_backend`) and return the one it
+        replaces: the current backend's hooks come off the pipeline and `backend`'s go on.
+
+        For tools that compare backends on one loaded model. Only while the engine is idle: with a request queued
+        or running it raises a RuntimeError; requests prepared before the swap were checked against the old one.
+        """
+        if not self.is_alive or not self._accepting:
+            raise EngineStoppedError("the engine is shutting down")
+        busy = RuntimeError("the cache backend can only be swapped while no request is queued or running")
+        if not self._run_lock.acquire(blocking=False):
+            raise busy
+        try:
+            with self._queue.mutex:
+                if self._queue.unfinished_tasks > 0:
+                    raise busy
+            previous = self._worker.cache
+            self._worker.use_cache(backend)
+        finally:
+            self._run_lock.release()
+        return previous
 
     # -- state -------------------------------------------------------------------------------
     @property
@@ -334,10 +385,16 @@ class AsyncEngine:
             while True:
                 handle = self._queue.get()
                 if handle is None:
+                    self._queue.task_done()
                     return
+                answer: Callable[[], None] | None = None
                 try:
-                    self._run(handle)
+                    with self._run_lock:
+                        answer = self._run(handle)
                 finally:
+                    self._queue.task_done()  # before the caller hears back: it then finds the engine idle
+                    if answer is not None:
+                        answer()
                     if not handle.future.done():  # something beyond Exception escaped: never leave a caller waiting
                         handle.future.set_exception(GenerationError("the model worker stopped"))
                     self._active.pop(handle.request_id, None)
@@ -346,12 +403,12 @@ class AsyncEngine:
                 logger.critical("the model worker stopped unexpectedly; the engine takes no more requests")
                 self.begin_shutdown()
 
-    def _run(self, handle: RequestHandle) -> None:
+    def _run(self, handle: RequestHandle) -> Callable[[], None] | None:
+        """Run one request; returns what answers its caller (called once the worker is done with it)."""
         if not self._accepting:
-            self._refuse(handle)  # it reached the queue while shutdown began
-            return
+            return lambda: self._refuse(handle)  # it reached the queue while shutdown began
         if not handle.future.set_running_or_notify_cancel():
-            return  # cancelled while queued
+            return None  # cancelled while queued
         self._running = handle
         self._progress_at = time.monotonic()
         started = time.perf_counter()
@@ -363,14 +420,14 @@ class AsyncEngine:
                 queue_seconds=started - handle.submitted_at,
             )
         except Exception as error:  # a failing request fails alone; the worker goes on
-            handle.future.set_exception(self._failure(handle.request_id, error))
-        else:
-            handle.future.set_result(output)
+            failure = self._failure(handle.request_id, error)
+            return lambda: handle.future.set_exception(failure)
         finally:
             self._progress_at = None
             self._running = None
             elapsed = time.perf_counter() - started
             self._seconds_per_request = 0.8 * self._seconds_per_request + 0.2 * elapsed
+        return lambda: handle.future.set_result(output)
 
     def _stop_check(self, handle: RequestHandle) -> Callable[[], None]:
         """What the worker calls between steps and inside them: raises once the request must stop."""
@@ -429,6 +486,7 @@ class AsyncEngine:
                 handle = self._queue.get_nowait()
             except queue.Empty:
                 return saw_stop_marker
+            self._queue.task_done()
             if handle is None:
                 saw_stop_marker = True
             else:
@@ -471,6 +529,19 @@ class AsyncEngine:
                 return False
             await asyncio.sleep(0.02)
         return True
+
+
+def check_settings_before_loading(
+    name: str, profile_settings: dict[str, Any] | None, user_settings: dict[str, Any] | None
+) -> None:
+    """Refuse bad cache settings before a long load. The model folder's settings are not known yet, and a
+    quality_target may rely on the quality_table there, so the target's value alone is checked."""
+    backend = CACHE_BACKENDS[name]
+    settings = dict(backend.merge_settings(profile_settings, user_settings))
+    target = settings.pop(QUALITY_TARGET, None)
+    if target is not None:
+        check_quality_target(target)
+    backend.from_config(settings)
 
 
 def preview_steps(num_steps: int, count: int) -> frozenset[int]:

@@ -87,6 +87,18 @@ class ModelWorker:
         for module in stoppable_modules(model.pipeline):
             module.register_forward_pre_hook(self._check_inside_step)
 
+    def use_cache(self, cache: CacheBackend) -> None:
+        """Between requests: take the current backend's hooks off the pipeline and put `cache`'s on. The worker's
+        own hooks (stop checks, transformer timing) are torch hooks beside diffusers' and stay as they are."""
+        pipeline = self.model.pipeline
+        self.cache.remove(pipeline)
+        try:
+            cache.apply(pipeline)
+        except Exception:
+            self.cache.apply(pipeline)  # the engine goes on with the backend it had
+            raise
+        self.cache = cache
+
     def _synchronize(self) -> None:
         if self.model.device.type == "cuda":
             torch.cuda.synchronize(self.model.device)

@@ -1,9 +1,12 @@
-"""Measuring and calibrating step caches on a running engine: the library behind `teaserve bench`,
+"""Measuring and calibrating cache backends on a running engine: the library behind `teaserve bench`,
 `teaserve calibrate`, `teaserve train-default` and `benchmarks/`.
 
-- `sweeps`: what a sweep runs by default (thresholds, calibration step counts) and `Variant`; imports nothing heavy.
+- `sweeps`: what a sweep runs by default (step counts, quality levels, the tuning grid) and `Variant`; imports
+  nothing heavy.
 - `metrics`: PSNR and SSIM of an image against its uncached twin.
 - `prompts`: the prompts (and, for the embedded model, the caption checker) a sweep runs.
-- `bench`: cached against uncached, side by side in one run (`run_bench`).
-- `calibration`: fitting TeaCache's rescaling polynomial over several step counts (`calibrate`).
+- `backends`: which cache backends a sweep runs.
+- `bench`: every backend against uncached, side by side in one run (`run_bench`), and their frontiers.
+- `calibration`: what each backend fits from uncached runs, then its quality table, into one profile
+  (`calibrate`).
 """

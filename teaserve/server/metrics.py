@@ -10,9 +10,12 @@ from prometheus_fastapi_instrumentator.routing import get_route_name
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..cache import NoCache
 from ..engine import AsyncEngine, RequestOutput
 
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
+MAX_BRANCH_LABELS = 8
+ALL_BRANCHES, OTHER_BRANCHES = "all", "other"
 
 
 class ServerMetrics:
@@ -36,10 +39,11 @@ class ServerMetrics:
         self.images = Counter("teaserve_images_generated", "Images returned", registry=self.registry)
         self.steps = Counter(
             "teaserve_denoising_steps",
-            "Denoising steps by what the cache did (per CFG branch)",
-            ["kind"],
+            "Denoising steps by what the cache did, cache backend and CFG branch (branch 'all': not split by branch)",
+            ["kind", "backend", "branch"],
             registry=self.registry,
         )
+        self._branches: set[str] = set()
         queue_depth = Gauge("teaserve_queue_depth", "Requests waiting for the worker", registry=self.registry)
         queue_depth.set_function(lambda: engine.queue_depth)
         running = Gauge("teaserve_requests_running", "Requests the worker is running", registry=self.registry)
@@ -58,11 +62,25 @@ class ServerMetrics:
     def record_output(self, output: RequestOutput) -> None:
         self.images.inc(len(output.images))
         cache = output.metrics.cache
-        if cache and cache.get("enabled"):
-            self.steps.labels("computed").inc(cache["computed_steps"])
-            self.steps.labels("skipped").inc(cache["skipped_steps"])
-        else:
-            self.steps.labels("computed").inc(output.metrics.transformer_calls)
+        if not (cache and cache.get("enabled")):
+            backend = cache["backend"] if cache else NoCache.name
+            self.steps.labels("computed", backend, ALL_BRANCHES).inc(output.metrics.transformer_calls)
+            return
+        branches = cache.get("branches") or {}
+        counted = [(self._branch_label(name), counts) for name, counts in branches.items()] or [(ALL_BRANCHES, cache)]
+        for branch, counts in counted:
+            for kind in ("computed", "skipped"):
+                self.steps.labels(kind, cache["backend"], branch).inc(counts[f"{kind}_steps"])
+
+    def _branch_label(self, name: str) -> str:
+        """Branch names come from the cache backends (cond, uncond, ...); past MAX_BRANCH_LABELS distinct ones the
+        rest count as "other", so that the number of series stays bounded."""
+        if name in self._branches:
+            return name
+        if len(self._branches) < MAX_BRANCH_LABELS:
+            self._branches.add(name)
+            return name
+        return OTHER_BRANCHES
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
