@@ -129,7 +129,8 @@ def test_the_tuning_grid_adds_midpoints_and_one_value_beyond_each_end():
 
 def test_bench_command_prints_the_tables_and_writes_json(tmp_path, tiny_qwen, capsys):
     out = tmp_path / "bench.json"
-    argv = ["bench", str(tiny_qwen), "--values", "tea_cache=0.2,1e9", "--num-prompts", "1", "--steps", "4,6"]
+    argv = ["bench", str(tiny_qwen), "--backends", "tea_cache", "--values", "tea_cache=0.2,1e9", "--num-prompts", "1"]
+    argv += ["--steps", "4,6"]
     assert main([*argv, "--json", str(out)]) == 0
     stdout = capsys.readouterr().out
     assert "real/ideal" in stdout and "tea_cache" in stdout

@@ -1,4 +1,4 @@
-"""Step-caching backends, selected by name ("none", "tea_cache", "learned", ...), on the cache targets model families declare.
+"""Step-caching backends, selected by name ("none", "tea_cache", "learned", ...), on the cache targets of models.
 
 A backend is one file with its config, hooks and an `apply_*` function; it learns what it needs about a
 transformer from the `CacheTarget` registered for the transformer's class, so it works on every declared model.

@@ -82,14 +82,18 @@ class QualityTable:
         return min(self.rows, key=lambda steps: (abs(math.log(steps / num_steps)), steps))
 
     def choose(self, num_steps: int, target: float) -> tuple[int, float | None, float | None]:
-        """(calibrated step count used, the fastest tuning value whose PSNR meets `target`, its PSNR); the value
-        is None when none meets it (larger tuning values are faster)."""
+        """(calibrated step count used, the fastest tuning value that meets `target` and whose slower values all
+        meet it too, its PSNR); the value is None when the slowest misses it (larger tuning values are faster).
+
+        Requiring the slower values too keeps a noisy table (few calibration prompts) from choosing a fast value
+        that happened to score well past a slower one that did not."""
         steps = self.calibrated_steps(num_steps)
-        meeting = [(value, psnr) for value, psnr in self.rows[steps] if psnr >= target]
-        if not meeting:
-            return steps, None, None
-        value, psnr = max(meeting)
-        return steps, value, psnr
+        chosen: tuple[float | None, float | None] = (None, None)
+        for value, psnr in sorted(self.rows[steps]):
+            if psnr < target:
+                break
+            chosen = (value, psnr)
+        return steps, *chosen
 
 
 @dataclass(frozen=True)

@@ -254,6 +254,11 @@ class CacheDiT:
         # `_is_cached` is how cache-dit marks a transformer it caches, whoever applied it.
         if registry.get_hook(CALLS_HOOK) is not None or getattr(transformer, "_is_cached", False):
             raise ValueError("cache-dit is already applied to this transformer; remove it first")
+        if registry.hooks:  # cache-dit rebinds the transformer's forward, which diffusers' hooks have replaced
+            raise ValueError(
+                f"cache-dit cannot share a transformer with other hooks on its forward ({', '.join(registry.hooks)}): "
+                "remove the other cache method or calibration first"
+            )
         self.transformer, self.config = transformer, config
         self.lists = block_lists(transformer, target)
         check_block_counts(config, self.lists)

@@ -44,12 +44,8 @@ Log = Callable[[str], None]
 
 
 class ProfileCalibrator(Calibrator):
-    """A calibrator that `teaserve calibrate` can ask for more than `fit()`: candidate fits to compare on
-    validation prompts, a report in words, and fields for the top level of the profile."""
-
-    def candidates(self) -> dict[str, dict[str, Any]]:
-        """Settings by label, the default first; only runs can tell them apart."""
-        return {"fit": self.fit()}
+    """A calibrator that `teaserve calibrate` can ask for more than `fit()`: which candidate validation chose,
+    a report in words, and fields for the top level of the profile."""
 
     def choose(self, label: str, scores: dict[str, float]) -> None:
         """From now on `fit()` gives the candidate `label`; `scores` are every candidate's validation scores."""
@@ -343,16 +339,14 @@ def calibrate(
             calibrator = calibrators[name]
             try:
                 settings = {} if calibrator is None else calibrator.fit()
-                if (
-                    isinstance(calibrator, ProfileCalibrator)
-                    and validation_prompts
-                    and len(calibrator.candidates()) > 1
-                ):
+                candidates = {} if calibrator is None else calibrator.candidates()
+                if validation_prompts and len(candidates) > 1:
                     label, scores = validate(
-                        engine, name, calibrator.candidates(), validation_prompts, params, step_counts, references, log
+                        engine, name, candidates, validation_prompts, params, step_counts, references, log
                     )
-                    calibrator.choose(label, scores)
-                    settings = calibrator.fit()
+                    settings = candidates[label]
+                    if isinstance(calibrator, ProfileCalibrator):
+                        calibrator.choose(label, scores)
                 grid, table = quality_table(
                     engine, name, settings, prompts, seeds, params, step_counts, references, log
                 )
@@ -382,17 +376,23 @@ def attach_calibrators(
     named by the user (`explicit`), stops the calibration."""
     transformer = engine.model.pipeline.transformer
     attached: dict[str, Calibrator | None] = {}
+    calibrators = {}
+    for name in names:  # a backend without a calibrator is tried on the bare transformer, before any recorder
+        try:
+            calibrators[name] = calibrator_for(name)
+            if calibrators[name] is None:
+                try_applying(engine, engine.create_cache_backend(name))
+        except Exception as error:  # any failure to apply one method only drops that method
+            skip_or_raise(name, error, explicit=explicit, log=log)
+            calibrators.pop(name, None)
     try:
-        for name in names:
-            try:
-                calibrator = calibrator_for(name)
-                if calibrator is None:
-                    try_applying(engine, engine.create_cache_backend(name))
-                else:
+        for name, calibrator in calibrators.items():
+            if calibrator is not None:
+                try:
                     calibrator.attach(transformer)
-            except Exception as error:  # any failure to attach or apply one method only drops that method
-                skip_or_raise(name, error, explicit=explicit, log=log)
-                continue
+                except Exception as error:  # any failure to attach one calibrator only drops that method
+                    skip_or_raise(name, error, explicit=explicit, log=log)
+                    continue
             attached[name] = calibrator
     except BaseException:
         for calibrator in attached.values():
