@@ -2,6 +2,7 @@
 (the model folder's, a cache profile's, --cache-config's)."""
 
 import json
+import shutil
 import threading
 
 import numpy as np
@@ -204,3 +205,24 @@ def test_cache_profile_is_a_flag_of_serve_generate_and_bench():
         args = parser.parse_args([*command, "--cache-profile", "profile.json"])
         assert args.cache_profile == "profile.json"
     assert EngineArgs.from_cli_args(parser.parse_args(["serve", "--cache-profile", "p.json"])).cache_profile == "p.json"
+
+
+def test_a_model_folder_chooses_its_backend_unless_the_user_or_the_environment_does(tiny_qwen, tmp_path, monkeypatch):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_qwen, folder)
+    profile_path = folder / "teaserve.json"
+    profile = json.loads(profile_path.read_text()) if profile_path.exists() else {}
+    profile_path.write_text(json.dumps({**profile, "cache_backend": "learned"}))
+    monkeypatch.delenv("DIFFUSION_CACHE_BACKEND", raising=False)
+
+    def backend_of(**settings):
+        engine = AsyncEngine(str(folder), **settings)
+        try:
+            return engine.cache.name
+        finally:
+            engine.shutdown()
+
+    assert backend_of() == "learned"
+    assert backend_of(cache_backend="none") == "none" and backend_of(cache_backend="tea_cache") == "tea_cache"
+    monkeypatch.setenv("DIFFUSION_CACHE_BACKEND", "tea_cache")
+    assert backend_of() == "tea_cache"

@@ -30,10 +30,10 @@ def cache_backend_names() -> list[str]:
     return sorted(CACHE_BACKENDS)
 
 
-def resolve_backend_name(name: str | None) -> str:
-    """The backend to use: `name`, else $DIFFUSION_CACHE_BACKEND, else "none"; unknown names raise."""
-    if name is None:
-        name = os.environ.get(CACHE_BACKEND_ENV) or NoCache.name
+def resolve_backend_name(name: str | None, default: str | None = None) -> str:
+    """The backend to use: `name`, else $DIFFUSION_CACHE_BACKEND, else `default` (a model's own choice), else
+    "none"; unknown names raise."""
+    name = name or os.environ.get(CACHE_BACKEND_ENV) or default or NoCache.name
     name = name.strip().lower()
     if name not in CACHE_BACKENDS:
         raise ValueError(f"unknown cache backend {name!r}; valid choices: {', '.join(cache_backend_names())}")

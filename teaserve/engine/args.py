@@ -51,7 +51,8 @@ class EngineArgs:
     cache_backend: str | None = field(
         default=None,
         metadata=_flag(
-            f"step-caching method (default: ${CACHE_BACKEND_ENV}, else none)", choices=cache_backend_names()
+            f"step-caching method (default: ${CACHE_BACKEND_ENV}, else the model's own choice, else none)",
+            choices=cache_backend_names(),
         ),
     )
     cache_config: dict[str, Any] | None = field(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import queue
 import random
 import threading
@@ -18,7 +19,7 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
-from ..cache import CACHE_BACKENDS, CacheBackend, resolve_backend_name
+from ..cache import CACHE_BACKEND_ENV, CACHE_BACKENDS, CacheBackend, resolve_backend_name
 from ..cache.base import QUALITY_TARGET, check_quality_target
 from ..pipelines import LoadedModel, architectures_with_knob, editing_architectures, load_model
 from .args import EngineArgs
@@ -84,14 +85,16 @@ class AsyncEngine:
 
     def __init__(self, model: str | Path | LoadedModel | EngineArgs | None = None, **settings: Any):
         self.args = args = EngineArgs.of(model, settings)
-        backend_name = resolve_backend_name(args.cache_backend)
         self.cache_profile = CacheProfile() if args.cache_profile is None else CacheProfile.read(args.cache_profile)
-        check_settings_before_loading(backend_name, self.cache_profile.settings.get(backend_name), args.cache_config)
+        if args.cache_backend or os.environ.get(CACHE_BACKEND_ENV):  # else the model's own choice, known once loaded
+            chosen = resolve_backend_name(args.cache_backend)
+            check_settings_before_loading(chosen, self.cache_profile.settings.get(chosen), args.cache_config)
         if isinstance(args.model, LoadedModel):
             self.model = args.model
         else:
             self.model = load_model(args.model, device=args.device, dtype=args.dtype)
         self.cache_profile.check_transformer(self.model.pipeline.transformer)
+        backend_name = resolve_backend_name(args.cache_backend, self.model.default_cache_backend)
         self._worker = ModelWorker(
             self.model, self.create_cache_backend(backend_name, args.cache_config), profile=args.profile
         )

@@ -35,6 +35,9 @@ class LoadedModel:
     dtype: torch.dtype
     defaults: GenerationDefaults
     cache_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Recommended settings of cache backends on this model, by backend name."""
+    default_cache_backend: str | None = None
+    """The backend the model runs with when neither the user nor $DIFFUSION_CACHE_BACKEND chooses one."""
     knob_defaults: dict[str, Any] = field(default_factory=dict)
     """The model folder's own defaults of the family's model-only parameters (over the family's)."""
 
@@ -116,9 +119,10 @@ def _read_profile(folder: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     profile = json.loads(path.read_text())
-    unknown = set(profile) - {"served_model_name", "defaults", "cache"}
+    valid = ("served_model_name", "defaults", "cache_backend", "cache")
+    unknown = set(profile) - set(valid)
     if unknown:
-        raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}; valid keys: cache, defaults, served_model_name")
+        raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}; valid keys: {', '.join(valid)}")
     return profile
 
 
@@ -153,5 +157,6 @@ def load_model(
         dtype=resolved_dtype,
         defaults=defaults,
         cache_defaults=profile.get("cache", {}),
+        default_cache_backend=profile.get("cache_backend"),
         knob_defaults=knob_defaults,
     )
