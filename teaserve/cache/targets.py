@@ -3,22 +3,26 @@
 A model family registers one `CacheTarget` per transformer class next to its own code, as diffusers registers
 block metadata in `hooks/_helpers.py`; cache methods look the target up by the transformer's class (along its MRO)
 and never name a model. This module also holds the block machinery the methods share: where a block's hidden
-states sit in its arguments and outputs, the relative L1 change of a signal, and the naming of CFG branches for
-pipelines that call the transformer outside `cache_context`.
+states sit in its arguments and outputs, the relative L1 change of a signal, the naming of CFG branches for
+pipelines that call the transformer outside `cache_context`, and the backend base of the methods that are one of
+diffusers' own caches put on a target's block stack (`DiffusersCacheBackend`).
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+from abc import abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from diffusers.hooks import ModelHook
+from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks._helpers import TransformerBlockRegistry
-from diffusers.hooks.hooks import CacheContext, StateManager, _set_cache_context
+from diffusers.hooks.hooks import BaseState, CacheContext, StateManager, _set_cache_context
+
+from .base import CacheBackend
 
 Gate = Callable[[Any, dict[str, Any]], torch.Tensor]
 """(first block, its bound call arguments) -> the timestep-modulated input of that block."""
@@ -200,3 +204,201 @@ class CallOrderBranches(ModelHook):
             return self.fn_ref.original_forward(*args, **kwargs)
         finally:
             _set_cache_context(module, None)
+
+
+# -- diffusers' caches on a target's block stack -------------------------------------------------------------------
+CALLS_HOOK = "teaserve_stack_calls"
+LAST_BLOCK_HOOK = "teaserve_stack_last_block"
+BRANCH_HOOK = "teaserve_stack_branches"
+STACK_NAME = "blocks"
+"""The name under which `apply_*` functions see the block stack: its blocks are `blocks.0`, `blocks.1`, ..."""
+
+ApplyCache = Callable[[torch.nn.Module, Any], None]
+"""One of diffusers' `apply_*_cache(module, config)` functions."""
+
+
+class _LastBlockRan(ModelHook):
+    """Innermost hook of the last block: a cache's hooks around it return without calling it on a skipped step."""
+
+    def __init__(self, stack: BlockStackCache):
+        super().__init__()
+        self.stack = stack
+
+    def new_forward(self, module, *args, **kwargs):
+        self.stack.last_block_ran = True
+        return self.fn_ref.original_forward(*args, **kwargs)
+
+
+class _NoState(BaseState):
+    def reset(self, *args, **kwargs) -> None:
+        pass
+
+
+class _TransformerCalls(ModelHook):
+    """On the transformer: after each call, files under the call's branch whether the last block ran."""
+
+    _is_stateful = True  # so that the branch of each call (its cache context) is set on `state_manager`
+
+    def __init__(self, stack: BlockStackCache):
+        super().__init__()
+        self.stack = stack
+        self.state_manager = StateManager(_NoState)
+
+    def new_forward(self, module, *args, **kwargs):
+        self.stack.last_block_ran = False
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        name = self.state_manager.context.name
+        self.stack.schedules[name] = self.stack.schedules.get(name, "") + ("C" if self.stack.last_block_ran else "S")
+        return output
+
+    def reset_state(self, module):
+        self.state_manager.reset()
+        return module
+
+
+class BlockStackCache:
+    """One of diffusers' caches on the block stack of a transformer's cache target, and what it skipped.
+
+    diffusers' `apply_*` functions find blocks by attribute name; here they are handed the target's block stack
+    itself, as the list `blocks` of a holder module, so they hook exactly the blocks the target declares. `use`
+    puts the hooks of given settings in place for the next request (re-applying them only when the settings
+    change) or takes them off. diffusers' hooks report nothing, so the stack's own hooks observe, per call of the
+    transformer, whether its last block actually ran: the `schedules` per CFG branch, C computed, S skipped.
+    Calls outside `cache_context` are named by their order in the step (`CallOrderBranches`), for diffusers' hooks
+    as for the schedules.
+    """
+
+    def __init__(self, transformer: torch.nn.Module, target: CacheTarget):
+        self.transformer = transformer
+        self.blocks = target.block_stack(transformer)
+        self.block_names = [f"{STACK_NAME}.{index}" for index in range(len(self.blocks))]
+        """The blocks' names as the `apply_*` functions see them."""
+        self.schedules: dict[str, str] = {}
+        self.last_block_ran = False
+        self.settings: dict[str, Any] | None = None
+        """The settings of the cache hooks in place; None when there are none."""
+        self._added: list[tuple[torch.nn.Module, str]] = []
+        registry = HookRegistry.check_if_exists_or_initialize(transformer)
+        if registry.get_hook(CALLS_HOOK) is not None:
+            raise ValueError("a cache backend is already applied to this transformer; remove it first")
+        # Registered before any cache hook, so that a hook which skips the last block never reaches it.
+        last = HookRegistry.check_if_exists_or_initialize(self.blocks[-1])
+        last.register_hook(_LastBlockRan(self), LAST_BLOCK_HOOK)
+        calls = _TransformerCalls(self)
+        registry.register_hook(calls, CALLS_HOOK)
+        registry.register_hook(CallOrderBranches(calls.state_manager, target), BRANCH_HOOK)
+        registry.invalidate_child_registries_cache()
+
+    def use(self, settings: dict[str, Any] | None, cache: Callable[[dict[str, Any]], tuple[ApplyCache, Any]]) -> None:
+        """Prepare the next request: the hooks that `cache(settings)` gives (apply function, config), or none
+        (every block computed), with every branch's state and schedule reset."""
+        if settings != self.settings:
+            self._take_off()
+            if settings is not None:
+                apply, config = cache(settings)
+                self._put_on(apply, config)
+            self.settings = settings
+        # A request that raised never reached the pipeline's own reset of the hooks' state.
+        HookRegistry.check_if_exists_or_initialize(self.transformer).reset_stateful_hooks()
+        self.schedules = {}
+
+    def _put_on(self, apply: ApplyCache, config: Any) -> None:
+        holder = torch.nn.Module()
+        holder.add_module(STACK_NAME, torch.nn.ModuleList(self.blocks))
+        before = [set(HookRegistry.check_if_exists_or_initialize(block).hooks) for block in self.blocks]
+        try:
+            apply(holder, config)
+        finally:
+            for block, names in zip(self.blocks, before, strict=True):
+                added = set(HookRegistry.check_if_exists_or_initialize(block).hooks) - names
+                self._added += [(block, name) for name in sorted(added)]
+            # New hooks below the transformer stale its cached list of child registries.
+            HookRegistry.check_if_exists_or_initialize(self.transformer).invalidate_child_registries_cache()
+
+    def _take_off(self) -> None:
+        for block, name in self._added:
+            HookRegistry.check_if_exists_or_initialize(block).remove_hook(name, recurse=False)
+        self._added = []
+        self.settings = None
+        HookRegistry.check_if_exists_or_initialize(self.transformer).invalidate_child_registries_cache()
+
+    def branch_stats(self) -> dict[str, dict[str, Any]]:
+        return {
+            name: {"computed_steps": schedule.count("C"), "skipped_steps": schedule.count("S"), "schedule": schedule}
+            for name, schedule in self.schedules.items()
+        }
+
+    def remove(self) -> None:
+        """Take every hook off: the transformer computes every block again."""
+        self._take_off()
+        HookRegistry.check_if_exists_or_initialize(self.blocks[-1]).remove_hook(LAST_BLOCK_HOOK, recurse=False)
+        registry = HookRegistry.check_if_exists_or_initialize(self.transformer)
+        for name in (BRANCH_HOOK, CALLS_HOOK):
+            registry.remove_hook(name, recurse=False)
+        registry.invalidate_child_registries_cache()
+
+
+class DiffusersCacheBackend(CacheBackend):
+    """A backend that is one of diffusers' caches on the block stack of the transformer's cache target.
+
+    A subclass says which of its settings are in force for a request (`request_settings`, a dict of plain
+    values) and which diffusers hooks they make (`diffusers_cache`); the hooks are re-applied only when the
+    settings change. `{"enabled": false}` takes them off for the request, so every block is computed: exactly the
+    uncached output. Statistics are observed (did the last block run?), the same for every such method.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._stack: BlockStackCache | None = None
+        self._enabled = True
+        self._num_steps: int | None = None
+        self._request: dict[str, Any] = {}
+
+    def check_transformer(self, transformer: torch.nn.Module, target: CacheTarget) -> None:
+        """Refuse (ValueError) a transformer the method cannot run on; called by `apply` before any hook."""
+
+    @abstractmethod
+    def request_settings(self, num_steps: int, overrides: dict[str, Any]) -> dict[str, Any]:
+        """The method's settings for a request of `num_steps` steps: the server's with `overrides` on top."""
+
+    @abstractmethod
+    def diffusers_cache(self, settings: dict[str, Any]) -> tuple[ApplyCache, Any]:
+        """diffusers' apply function and its config for `settings`."""
+
+    @property
+    def block_names(self) -> list[str]:
+        """The names under which diffusers' `apply_*` functions see the blocks (the backend is applied)."""
+        assert self._stack is not None, "apply() the backend first"
+        return self._stack.block_names
+
+    def apply(self, pipeline) -> None:
+        transformer = pipeline.transformer
+        target = cache_target_for(transformer)
+        self.check_transformer(transformer, target)
+        self._stack = BlockStackCache(transformer, target)
+
+    def remove(self, pipeline) -> None:
+        if self._stack is not None:
+            self._stack.remove()
+            self._stack = None
+
+    def start_request(self, num_steps, overrides) -> None:
+        self._enabled = overrides.get("enabled", True)
+        self._num_steps = num_steps
+        self._request = self.request_settings(num_steps, overrides)
+        if self._stack is not None:
+            self._stack.use(self._request if self._enabled else None, self.diffusers_cache)
+
+    def request_stats(self) -> dict[str, Any] | None:
+        if self._stack is None:
+            return None
+        branches = self._stack.branch_stats()
+        return {
+            "backend": self.name,
+            "enabled": self._enabled,
+            "num_steps": self._num_steps,
+            "computed_steps": sum(branch["computed_steps"] for branch in branches.values()),
+            "skipped_steps": sum(branch["skipped_steps"] for branch in branches.values()),
+            **{key: self._request[key] for key in self.request_keys if key in self._request},
+            "branches": branches,
+        }
