@@ -12,8 +12,11 @@ from typing import Any
 from .base import CacheBackend, CacheSettingsError, NoCache, parse_config, parse_config_json
 from .cache_dit import CacheDiTBackend
 from .calibration import GateRecorder, record_gate_changes
+from .first_block_cache import FirstBlockCacheBackend
 from .learned import ForecastCalibrator, LearnedCacheBackend, LearnedCacheConfig
+from .mag_cache import MagCacheBackend, MagRatioCalibrator
 from .targets import CacheTarget, cache_target_for, register_cache_target, registered_transformers
+from .taylorseer import TaylorSeerBackend
 from .teacache import Rescaling, TeaCache, TeaCacheBackend, TeaCacheConfig, apply_teacache, remove_teacache
 
 CACHE_BACKEND_ENV = "DIFFUSION_CACHE_BACKEND"
@@ -23,6 +26,9 @@ CACHE_BACKENDS: dict[str, type[CacheBackend]] = {
     TeaCacheBackend.name: TeaCacheBackend,
     LearnedCacheBackend.name: LearnedCacheBackend,
     CacheDiTBackend.name: CacheDiTBackend,
+    FirstBlockCacheBackend.name: FirstBlockCacheBackend,
+    MagCacheBackend.name: MagCacheBackend,
+    TaylorSeerBackend.name: TaylorSeerBackend,
 }
 
 
@@ -50,12 +56,16 @@ __all__ = [
     "CacheBackend",
     "CacheSettingsError",
     "CacheTarget",
+    "FirstBlockCacheBackend",
     "ForecastCalibrator",
     "GateRecorder",
     "LearnedCacheBackend",
     "LearnedCacheConfig",
+    "MagCacheBackend",
+    "MagRatioCalibrator",
     "NoCache",
     "Rescaling",
+    "TaylorSeerBackend",
     "TeaCache",
     "TeaCacheBackend",
     "TeaCacheConfig",

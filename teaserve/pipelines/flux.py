@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
 
 from ..cache import CacheTarget, register_cache_target
 from .base import GenerationDefaults, ModelFamily, PipelineInputs
@@ -77,7 +78,11 @@ register_cache_target(
     CacheTarget(
         blocks=lambda transformer: [*transformer.transformer_blocks, *transformer.single_transformer_blocks],
         gate=flux_gate,
-        defaults={"tea_cache": {"coefficients": FLUX_COEFFICIENTS}},
+        defaults={
+            "tea_cache": {"coefficients": FLUX_COEFFICIENTS},
+            # MagCache's FLUX.1 [dev] ratios (28 steps), as diffusers ships them.
+            "mag_cache": {"mag_ratios": tuple(FLUX_MAG_RATIOS.tolist())},
+        },
     ),
 )
 

@@ -207,12 +207,23 @@ def qwen_image_gate(block: Any, arguments: dict[str, Any]) -> torch.Tensor:
 # vLLM-Omni's hand-rounded TeaCache coefficients, shared by Edit, Edit-Plus and Layered.
 QWEN_IMAGE_COEFFICIENTS = (-450.0, 280.0, -45.0, 3.2, -0.02)
 
+# MagCache4QwenImage's magnitude ratios (Zehong-Ma/MagCache, 50 steps; its cond and uncond curves are equal),
+# with the first step's 1.0; diffusers interpolates them to other step counts.
+QWEN_IMAGE_MAG_RATIOS = (1.0, 1.64062, 1.45312, 1.1875, 1.17188, 1.05469, 1.21094, 1.10938, 1.11719, 1.13281,
+    1.11719, 1.07812, 1.07031, 1.08594, 1.08594, 1.07812, 1.03906, 1.04688, 1.07812, 1.07031, 1.03125, 1.07812,
+    1.04688, 1.04688, 1.04688, 1.03906, 1.01562, 1.03125, 1.02344, 1.02344, 1.02344, 1.03906, 1.0, 1.01562, 1.0,
+    0.99219, 1.00781, 0.98047, 0.95703, 0.96875, 0.99219, 0.92578, 0.92578, 0.90625, 0.85938, 0.80469, 0.87891,
+    0.75, 0.60938, 0.55078)  # fmt: skip
+
 register_cache_target(
     "diffusers.models.transformers.transformer_qwenimage.QwenImageTransformer2DModel",
     CacheTarget(
         blocks=lambda transformer: transformer.transformer_blocks,
         gate=qwen_image_gate,
-        defaults={"tea_cache": {"coefficients": QWEN_IMAGE_COEFFICIENTS}},
+        defaults={
+            "tea_cache": {"coefficients": QWEN_IMAGE_COEFFICIENTS},
+            "mag_cache": {"mag_ratios": QWEN_IMAGE_MAG_RATIOS},
+        },
     ),
 )
 
