@@ -442,6 +442,28 @@ def test_the_calibrator_records_the_ratios_diffusers_magcache_prints(qwen, capsy
     assert hook_names(pipe.transformer) == set()
 
 
+def test_recorders_taken_off_in_the_order_they_were_put_on_leave_a_working_transformer(qwen):
+    # diffusers 0.42 relinks a hook with its own forward wrongly when a hook under it is removed: the hooks that
+    # name branches work before and after the call instead, so that no removed hook stays in the chain.
+    from teaserve.cache import GateRecorder
+
+    transformer = qwen.model.pipeline.transformer
+    gates = GateRecorder(transformer)
+    calibrator = MagRatioCalibrator()
+    calibrator.attach(transformer)
+    with engine(qwen) as omni:
+        generate(omni)
+    gates.remove()
+    calibrator.detach()
+    assert hook_names(transformer) == set()
+    assert transformer.forward.__func__ is type(transformer).forward  # no removed hook left in the chain
+    with engine(qwen, "mag_cache", ONES) as omni:
+        largest = generate(omni, LARGEST["mag_cache"])
+        disabled = generate(omni, {"enabled": False})
+    assert largest.metrics.cache["branches"]["uncond"]["schedule"] == largest_schedule("mag_cache", STEPS)
+    assert same_pixels(disabled, qwen.uncached)
+
+
 def test_the_fit_averages_where_each_branch_ran_and_feeds_mag_cache():
     calibrator = MagRatioCalibrator()
     with pytest.raises(ValueError, match="no mag_cache magnitude ratios were recorded"):

@@ -164,6 +164,9 @@ class CallOrderBranches(ModelHook):
     unconditional branch without naming them; calls that share the value of the target's step argument belong to
     one step, so the i-th of them is the target's i-th branch name. Calls inside a pipeline's own `cache_context`
     are left alone. `state_manager` is the method's: its context says whether the pipeline named the call.
+
+    It works before and after the call (no forward of its own): diffusers 0.42 relinks a hook with its own forward
+    wrongly when a hook registered before it is removed, which would leave that removed hook in the call chain.
     """
 
     _is_stateful = True  # reset with the method's state after each pipeline call
@@ -175,13 +178,15 @@ class CallOrderBranches(ModelHook):
         self.state_manager, self.target = state_manager, target
         self._step: float | None = None
         self._calls = 0
+        self._named: CacheContext | None = None
+        """The context this hook set for the call under way."""
 
     def initialize_hook(self, module):
         self._signature = inspect.signature(type(module).forward)
         return module
 
     def reset_state(self, module):
-        self._step, self._calls = None, 0
+        self._step, self._calls, self._named = None, 0, None
         return module
 
     def _step_value(self, args, kwargs) -> float | None:
@@ -190,20 +195,26 @@ class CallOrderBranches(ModelHook):
             return float(value.reshape(-1)[0]) if value.numel() else None
         return float(value) if isinstance(value, int | float) else None
 
-    def new_forward(self, module, *args, **kwargs):
-        if context_is_set(self.state_manager):
-            return self.fn_ref.original_forward(*args, **kwargs)
+    def pre_forward(self, module, *args, **kwargs):
+        # A context of this hook's own still set is from a call that raised: this call is unnamed as well.
+        own, self._named = self._named, None
+        if context_is_set(self.state_manager) and self.state_manager.context is not own:
+            return args, kwargs
         step = self._step_value(args, kwargs)
         if step is None or step != self._step:
             self._step, self._calls = step, 0
         names = self.target.branch_names
         name = names[self._calls] if self._calls < len(names) else f"branch{self._calls}"
         self._calls += 1
-        _set_cache_context(module, CacheContext(name))
-        try:
-            return self.fn_ref.original_forward(*args, **kwargs)
-        finally:
+        self._named = CacheContext(name)
+        _set_cache_context(module, self._named)
+        return args, kwargs
+
+    def post_forward(self, module, output):
+        if self._named is not None:
             _set_cache_context(module, None)
+            self._named = None
+        return output
 
 
 # -- diffusers' caches on a target's block stack -------------------------------------------------------------------
@@ -245,9 +256,10 @@ class _TransformerCalls(ModelHook):
         self.state_manager = StateManager(_NoState)
 
     def new_forward(self, module, *args, **kwargs):
+        # The name is read before the call: a hook inside may clear the context when it returns.
+        name = self.state_manager.context.name
         self.stack.last_block_ran = False
         output = self.fn_ref.original_forward(*args, **kwargs)
-        name = self.state_manager.context.name
         self.stack.schedules[name] = self.stack.schedules.get(name, "") + ("C" if self.stack.last_block_ran else "S")
         return output
 
@@ -310,13 +322,15 @@ class BlockStackCache:
             apply(holder, config)
         finally:
             for block, names in zip(self.blocks, before, strict=True):
-                added = set(HookRegistry.check_if_exists_or_initialize(block).hooks) - names
-                self._added += [(block, name) for name in sorted(added)]
+                hooks = HookRegistry.check_if_exists_or_initialize(block).hooks  # in the order they were registered
+                self._added += [(block, name) for name in hooks if name not in names]
             # New hooks below the transformer stale its cached list of child registries.
             HookRegistry.check_if_exists_or_initialize(self.transformer).invalidate_child_registries_cache()
 
     def _take_off(self) -> None:
-        for block, name in self._added:
+        # Outermost first: diffusers 0.42 relinks the hook above a removed one wrongly when that hook has its own
+        # forward (it replaces that forward instead of what it calls).
+        for block, name in reversed(self._added):
             HookRegistry.check_if_exists_or_initialize(block).remove_hook(name, recurse=False)
         self._added = []
         self.settings = None
