@@ -47,34 +47,46 @@ def largest_schedule(backend: str, steps: int) -> str:
     return "CCCSC" + "S" * (steps - 5)
 
 
-class LastBlockRuns:
-    """Counts how often the last block's attention ran: the work a skipped step saves (BAGEL's context prefill
-    runs it too, outside the steps)."""
+class BlockRuns:
+    """Counts how often the blocks' attention ran, the last block's and all of them: the work a skipped step saves
+    (BAGEL's context prefill runs them too, outside the steps)."""
 
     def __init__(self, transformer):
-        last = cache_target_for(transformer).block_stack(transformer)[-1]
-        attention = getattr(last, "attn", None) or last.self_attn
-        self.count = 0
-        attention.register_forward_hook(self._ran)
+        blocks = cache_target_for(transformer).block_stack(transformer)
+        self.last = self.all = 0
+        for index, block in enumerate(blocks):
+            attention = getattr(block, "attn", None) or block.self_attn
+            attention.register_forward_hook(self._last_ran if index == len(blocks) - 1 else self._ran)
 
     def _ran(self, module, args, output):
-        self.count += 1
+        self.all += 1
 
-    def take(self) -> int:
-        count, self.count = self.count, 0
-        return count
+    def _last_ran(self, module, args, output):
+        self.last += 1
+        self.all += 1
+
+    def take(self) -> tuple[int, int]:
+        """(last block runs, block runs) since the last take."""
+        counts = (self.last, self.all)
+        self.last = self.all = 0
+        return counts
+
+
+def block_evaluations(backend: str, num_blocks: int, schedule: str) -> int:
+    """First Block Cache runs the first block at a skipped step too; the others run no block then."""
+    return num_blocks * schedule.count("C") + (backend == "first_block_cache") * schedule.count("S")
 
 
 @dataclass
 class Family:
     model: LoadedModel
-    runs: LastBlockRuns
+    runs: BlockRuns
     uncached: Any = None
 
     @classmethod
     def load(cls, folder) -> "Family":
         model = load_model(str(folder))
-        return cls(model, LastBlockRuns(model.pipeline.transformer))
+        return cls(model, BlockRuns(model.pipeline.transformer))
 
 
 @contextlib.contextmanager
@@ -130,8 +142,10 @@ def test_the_largest_setting_skips_by_the_rule_in_each_branch_and_the_counts_are
     }
     for branch in cache["branches"].values():
         assert (branch["computed_steps"], branch["skipped_steps"]) == (expected.count("C"), expected.count("S"))
-    assert cache["computed_steps"] == 2 * expected.count("C") == runs
-    assert cache["skipped_steps"] == 2 * expected.count("S")
+    assert cache["computed_steps"] == 2 * expected.count("C") and cache["skipped_steps"] == 2 * expected.count("S")
+    assert cache["num_blocks"] == len(qwen.model.pipeline.transformer.transformer_blocks)
+    assert cache["block_evaluations"] == 2 * block_evaluations(backend, cache["num_blocks"], expected)
+    assert runs == (cache["computed_steps"], cache["block_evaluations"])
     assert cache["backend"] == backend and cache["num_steps"] == STEPS and cache["enabled"] is True
     tuning_key = create_cache_backend(backend).tuning_key
     assert cache[tuning_key] == LARGEST[backend][tuning_key]
@@ -373,7 +387,9 @@ def test_flux_and_kontext_branches(fluxes, kind, backend):
     expected = largest_schedule(backend, STEPS)
     schedules = {name: branch["schedule"] for name, branch in largest.metrics.cache["branches"].items()}
     assert schedules == {"cond": expected, "uncond": expected}
-    assert family.runs.take() == largest.metrics.cache["computed_steps"] == 2 * expected.count("C")
+    cache = largest.metrics.cache
+    assert cache["block_evaluations"] == 2 * block_evaluations(backend, cache["num_blocks"], expected)
+    assert family.runs.take() == (cache["computed_steps"], cache["block_evaluations"])
     assert not same_pixels(largest, uncached)
 
 
@@ -407,10 +423,12 @@ def test_bagel_branches_with_text_guidance_on_the_first_steps(bagel, backend):
     # The text-free branch runs only while guidance is on: the same rule over the steps it runs.
     assert 2 < guided < STEPS and branches["uncond_text"]["schedule"] == largest_schedule(backend, STEPS)[:guided]
     # The context prefill runs the layers too, the same in both requests.
-    assert (
-        uncached_runs - largest_runs
-        == uncached.metrics.cache["computed_steps"] - largest.metrics.cache["computed_steps"]
-    )
+    saved = [uncached_runs[index] - largest_runs[index] for index in range(2)]
+    uncached_cache, largest_cache = uncached.metrics.cache, largest.metrics.cache
+    assert saved == [
+        uncached_cache["computed_steps"] - largest_cache["computed_steps"],
+        uncached_cache["block_evaluations"] - largest_cache["block_evaluations"],
+    ]
     assert not same_pixels(largest, uncached)
 
 
@@ -430,8 +448,8 @@ def test_the_calibrator_records_the_ratios_diffusers_magcache_prints(qwen, capsy
     calibrator.end_request(6)
     pipe(**inputs, num_inference_steps=4, generator=torch.Generator().manual_seed(1))
     calibrator.end_request(4)
+    pipe.transformer.disable_cache()  # the hooks put on last come off first (see the next test)
     calibrator.detach()
-    pipe.transformer.disable_cache()
     assert len(printed) == 2 and printed[0] != printed[1]  # cond, then uncond
     curves = calibrator.curves[6]
     assert len(curves) == 2 and all(len(curve) == 6 for curve in curves)
@@ -456,7 +474,8 @@ def test_recorders_taken_off_in_the_order_they_were_put_on_leave_a_working_trans
     gates.remove()
     calibrator.detach()
     assert hook_names(transformer) == set()
-    assert transformer.forward.__func__ is type(transformer).forward  # no removed hook left in the chain
+    for module in (transformer, *transformer.transformer_blocks):  # no removed hook left in a call chain
+        assert module.forward.__func__ is type(module).forward
     with engine(qwen, "mag_cache", ONES) as omni:
         largest = generate(omni, LARGEST["mag_cache"])
         disabled = generate(omni, {"enabled": False})

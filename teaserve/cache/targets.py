@@ -10,6 +10,7 @@ diffusers' own caches put on a target's block stack (`DiffusersCacheBackend`).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 from abc import abstractmethod
@@ -219,7 +220,7 @@ class CallOrderBranches(ModelHook):
 
 # -- diffusers' caches on a target's block stack -------------------------------------------------------------------
 CALLS_HOOK = "teaserve_stack_calls"
-LAST_BLOCK_HOOK = "teaserve_stack_last_block"
+BLOCK_HOOK = "teaserve_stack_block"
 BRANCH_HOOK = "teaserve_stack_branches"
 STACK_NAME = "blocks"
 """The name under which `apply_*` functions see the block stack: its blocks are `blocks.0`, `blocks.1`, ..."""
@@ -228,15 +229,36 @@ ApplyCache = Callable[[torch.nn.Module, Any], None]
 """One of diffusers' `apply_*_cache(module, config)` functions."""
 
 
-class _LastBlockRan(ModelHook):
-    """Innermost hook of the last block: a cache's hooks around it return without calling it on a skipped step."""
+@dataclass
+class StackCall:
+    """What ran of the block stack during the transformer call under way."""
 
-    def __init__(self, stack: BlockStackCache):
+    blocks: int = 0
+    last_block: bool = False
+
+
+@dataclass
+class StackBranchStats:
+    """What ran of the block stack in one CFG branch during one request."""
+
+    computed_steps: int = 0
+    skipped_steps: int = 0
+    schedule: str = ""
+    """One letter per step: C the last block ran (the stack was computed), S it did not."""
+    block_evaluations: int = 0
+    """Blocks that ran, skipped steps included (First Block Cache computes the first block at every step)."""
+
+
+class _BlockRan(ModelHook):
+    """Innermost hook of a block: counts the block's runs (a cache's hooks around it may return without a call)."""
+
+    def __init__(self, call: StackCall, is_last: bool):
         super().__init__()
-        self.stack = stack
+        self.call, self.is_last = call, is_last
 
     def new_forward(self, module, *args, **kwargs):
-        self.stack.last_block_ran = True
+        self.call.blocks += 1
+        self.call.last_block = self.call.last_block or self.is_last
         return self.fn_ref.original_forward(*args, **kwargs)
 
 
@@ -246,21 +268,28 @@ class _NoState(BaseState):
 
 
 class _TransformerCalls(ModelHook):
-    """On the transformer: after each call, files under the call's branch whether the last block ran."""
+    """On the transformer: after each call, files under the call's branch what ran of the block stack."""
 
     _is_stateful = True  # so that the branch of each call (its cache context) is set on `state_manager`
 
-    def __init__(self, stack: BlockStackCache):
+    def __init__(self, call: StackCall, branches: dict[str, StackBranchStats]):
         super().__init__()
-        self.stack = stack
+        self.call, self.branches = call, branches
         self.state_manager = StateManager(_NoState)
 
     def new_forward(self, module, *args, **kwargs):
         # The name is read before the call: a hook inside may clear the context when it returns.
         name = self.state_manager.context.name
-        self.stack.last_block_ran = False
+        self.call.blocks, self.call.last_block = 0, False
         output = self.fn_ref.original_forward(*args, **kwargs)
-        self.stack.schedules[name] = self.stack.schedules.get(name, "") + ("C" if self.stack.last_block_ran else "S")
+        stats = self.branches.setdefault(name, StackBranchStats())
+        stats.block_evaluations += self.call.blocks
+        if self.call.last_block:
+            stats.computed_steps += 1
+            stats.schedule += "C"
+        else:
+            stats.skipped_steps += 1
+            stats.schedule += "S"
         return output
 
     def reset_state(self, module):
@@ -275,9 +304,9 @@ class BlockStackCache:
     itself, as the list `blocks` of a holder module, so they hook exactly the blocks the target declares. `use`
     puts the hooks of given settings in place for the next request (re-applying them only when the settings
     change) or takes them off. diffusers' hooks report nothing, so the stack's own hooks observe, per call of the
-    transformer, whether its last block actually ran: the `schedules` per CFG branch, C computed, S skipped.
-    Calls outside `cache_context` are named by their order in the step (`CallOrderBranches`), for diffusers' hooks
-    as for the schedules.
+    transformer, which blocks actually ran: `branches` holds the statistics per CFG branch. Calls outside
+    `cache_context` are named by their order in the step (`CallOrderBranches`), for diffusers' hooks as for the
+    statistics.
     """
 
     def __init__(self, transformer: torch.nn.Module, target: CacheTarget):
@@ -285,25 +314,26 @@ class BlockStackCache:
         self.blocks = target.block_stack(transformer)
         self.block_names = [f"{STACK_NAME}.{index}" for index in range(len(self.blocks))]
         """The blocks' names as the `apply_*` functions see them."""
-        self.schedules: dict[str, str] = {}
-        self.last_block_ran = False
+        self.branches: dict[str, StackBranchStats] = {}
         self.settings: dict[str, Any] | None = None
         """The settings of the cache hooks in place; None when there are none."""
         self._added: list[tuple[torch.nn.Module, str]] = []
         registry = HookRegistry.check_if_exists_or_initialize(transformer)
         if registry.get_hook(CALLS_HOOK) is not None:
             raise ValueError("a cache backend is already applied to this transformer; remove it first")
-        # Registered before any cache hook, so that a hook which skips the last block never reaches it.
-        last = HookRegistry.check_if_exists_or_initialize(self.blocks[-1])
-        last.register_hook(_LastBlockRan(self), LAST_BLOCK_HOOK)
-        calls = _TransformerCalls(self)
+        call = StackCall()
+        # Registered before any cache hook, so that a hook which skips a block never reaches its counter.
+        for index, block in enumerate(self.blocks):
+            marker = _BlockRan(call, is_last=index == len(self.blocks) - 1)
+            HookRegistry.check_if_exists_or_initialize(block).register_hook(marker, BLOCK_HOOK)
+        calls = _TransformerCalls(call, self.branches)
         registry.register_hook(calls, CALLS_HOOK)
         registry.register_hook(CallOrderBranches(calls.state_manager, target), BRANCH_HOOK)
         registry.invalidate_child_registries_cache()
 
     def use(self, settings: dict[str, Any] | None, cache: Callable[[dict[str, Any]], tuple[ApplyCache, Any]]) -> None:
         """Prepare the next request: the hooks that `cache(settings)` gives (apply function, config), or none
-        (every block computed), with every branch's state and schedule reset."""
+        (every block computed), with every branch's state and statistics reset."""
         if settings != self.settings:
             self._take_off()
             if settings is not None:
@@ -312,7 +342,7 @@ class BlockStackCache:
             self.settings = settings
         # A request that raised never reached the pipeline's own reset of the hooks' state.
         HookRegistry.check_if_exists_or_initialize(self.transformer).reset_stateful_hooks()
-        self.schedules = {}
+        self.branches.clear()
 
     def _put_on(self, apply: ApplyCache, config: Any) -> None:
         holder = torch.nn.Module()
@@ -336,16 +366,11 @@ class BlockStackCache:
         self.settings = None
         HookRegistry.check_if_exists_or_initialize(self.transformer).invalidate_child_registries_cache()
 
-    def branch_stats(self) -> dict[str, dict[str, Any]]:
-        return {
-            name: {"computed_steps": schedule.count("C"), "skipped_steps": schedule.count("S"), "schedule": schedule}
-            for name, schedule in self.schedules.items()
-        }
-
     def remove(self) -> None:
         """Take every hook off: the transformer computes every block again."""
         self._take_off()
-        HookRegistry.check_if_exists_or_initialize(self.blocks[-1]).remove_hook(LAST_BLOCK_HOOK, recurse=False)
+        for block in self.blocks:
+            HookRegistry.check_if_exists_or_initialize(block).remove_hook(BLOCK_HOOK, recurse=False)
         registry = HookRegistry.check_if_exists_or_initialize(self.transformer)
         for name in (BRANCH_HOOK, CALLS_HOOK):
             registry.remove_hook(name, recurse=False)
@@ -406,13 +431,15 @@ class DiffusersCacheBackend(CacheBackend):
     def request_stats(self) -> dict[str, Any] | None:
         if self._stack is None:
             return None
-        branches = self._stack.branch_stats()
+        branches = {name: dataclasses.asdict(stats) for name, stats in self._stack.branches.items()}
         return {
             "backend": self.name,
             "enabled": self._enabled,
             "num_steps": self._num_steps,
             "computed_steps": sum(branch["computed_steps"] for branch in branches.values()),
             "skipped_steps": sum(branch["skipped_steps"] for branch in branches.values()),
+            "block_evaluations": sum(branch["block_evaluations"] for branch in branches.values()),
+            "num_blocks": len(self._stack.blocks),
             **{key: self._request[key] for key in self.request_keys if key in self._request},
             "branches": branches,
         }
