@@ -4,7 +4,7 @@ Forecasting caches such as TaylorSeer predict a skipped step's features as a fix
 features of the last computed steps. L2P learns that combination instead, per step, from a few uncached
 trajectories. Here the forecast is of the whole transformer's output (its velocity prediction), so a skipped step
 runs nothing of the transformer: no embeddings, no gate, no block. Which steps are computed is a fixed schedule:
-about `num_steps / speedup` steps spread evenly over the request, the first and the last among them; on every
+about `num_steps / speedup` steps, the first and the last among them, placed by `schedule_power`; on every
 other step, each CFG branch's output is `sum_k w[s][k] * output(c_k)` over its last K computed steps c_1, c_2, ...
 (most recent first).
 
@@ -15,9 +15,14 @@ is accumulated per step count, so calibrating costs memory for one trajectory wh
 schedule is fitted from it afterwards. A schedule without fitted weights reuses the last computed output (w = [1]),
 which the stats report as the "reuse" forecast.
 
-On the embedded model, one computed step of history beat two at every speedup (the last two computed outputs are far
-apart once most steps are skipped, so a fitted extrapolation amplifies their difference more than it predicts), so
-the calibrator fits K = 1 unless told otherwise.
+What it gains where, measured on the embedded model (30 steps, held-out captions): skipping the whole
+transformer call instead of the block stack alone turns the same number of evaluations into more end-to-end speed
+(TeaCache still runs the embeddings, its gate and the output head on a skipped step); packing the computed steps
+towards the end of the request (`schedule_power` 0.7, chosen by `teaserve calibrate` among fits for several powers)
+keeps 2 to 5 dB more than spreading them evenly; the fitted weights themselves stay close to 1 there (0.96 to 1.01)
+and add a few tenths of a dB over plain reuse. One computed output of history beat two at every speedup (the last
+two computed outputs are far apart once most steps are skipped, so a fitted extrapolation amplifies their difference
+more than it predicts), so the calibrator fits K = 1 unless told otherwise.
 """
 
 from __future__ import annotations
