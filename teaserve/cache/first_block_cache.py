@@ -44,7 +44,7 @@ class FirstBlockCacheBackend(DiffusersCacheBackend):
     name = NAME
     request_keys = ("enabled", "threshold")
     tuning_key = "threshold"
-    tuning_values = (0.1, 0.15, 0.2, 0.3, 0.5)
+    tuning_values = (0.1, 0.2, 0.3, 0.5, 1.0)
 
     def __init__(self) -> None:
         super().__init__()
