@@ -22,7 +22,7 @@ def params(**settings) -> OmniDiffusionSamplingParams:
 @pytest.fixture(scope="module")
 def uncached_and_ratios():
     calibrator = MagRatioCalibrator()
-    with Omni() as omni:
+    with Omni(cache_backend="none") as omni:
         (uncached,) = omni.generate(SCENE.caption, params())
         calibrator.attach(omni.model.pipeline.transformer)
         for scene in TRAINING[:2]:

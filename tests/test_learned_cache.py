@@ -17,6 +17,7 @@ from teaserve.cache import (
     create_cache_backend,
     register_cache_target,
 )
+from teaserve.cache.base import QualityTable
 from teaserve.cache.learned import computed_count, computed_steps
 from teaserve.pipelines.testing import tiny_flux_pipeline, tiny_qwen_pipeline
 
@@ -168,6 +169,9 @@ def test_quality_target_chooses_the_fastest_calibrated_speedup():
     backend.begin_request(25, {"quality_target": 40})  # the 30-step table
     assert backend.plan.speedup == 6.0
     assert backend.stats()["quality"]["calibrated_psnr_db"] == 42.0
+    # A noisy table: 8x scores above 40 dB, but 6x, slower, does not; 8x is never chosen past it.
+    noisy = QualityTable.parse({"30": [[6.0, 38.0], [1.5, 60.0], [8.0, 41.0], [3.0, 50.0]]})
+    assert noisy.choose(30, 40.0) == (30, 3.0, 50.0) and noisy.choose(30, 30.0) == (30, 8.0, 41.0)
     backend.begin_request(12, {"quality_target": 99})  # nothing reaches it: every step computed
     assert not backend.plan.enabled
     assert backend.stats()["quality"] == {
