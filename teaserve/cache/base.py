@@ -6,7 +6,9 @@ import dataclasses
 import json
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Self
 
 REQUEST_PARAM = "cache_config"
@@ -162,13 +164,15 @@ class CacheBackend(ABC):
     The engine calls `apply(pipeline)` once; then, per request, `begin_request` before the pipeline call,
     `set_step` as the denoising loop advances, and `stats` after it. A method finds what it needs to know about
     the pipeline's transformer through its registered `CacheTarget` (`cache_target_for`), so it works on every
-    model whose family declares one. A subclass implements `configure_method`, `check_method_overrides`,
-    `start_request` and `request_stats`; this class handles what all methods share.
+    model whose family declares one. A subclass implements `configure_method`, `start_request` and
+    `request_stats`, and declares `request_checks`; this class handles what all methods share.
     """
 
     name: ClassVar[str]
     request_keys: ClassVar[tuple[str, ...]] = ("enabled",)
     """What a request may put in its cache settings besides `quality_target`."""
+    request_checks: ClassVar[Mapping[str, Callable[[Any], Any]]] = {}
+    """The check of each request key's value besides `enabled` (it raises a ValueError naming the bounds)."""
     tuning_key: ClassVar[str | None] = None
     """The setting that trades speed for quality, larger = faster; None for a method without one."""
     tuning_values: ClassVar[tuple[float, ...]] = ()
@@ -238,9 +242,15 @@ class CacheBackend(ABC):
         self.check_method_overrides(own)
         return overrides
 
-    @abstractmethod
     def check_method_overrides(self, overrides: dict[str, Any]) -> None:
-        """Raise a CacheSettingsError if the method's own request keys carry bad values (no I/O)."""
+        """Raise a CacheSettingsError if the method's own request keys carry bad values (no I/O): by default each
+        value present goes through its `request_checks` entry."""
+        for key, check in self.request_checks.items():
+            if key in overrides:
+                try:
+                    check(overrides[key])
+                except ValueError as error:
+                    raise CacheSettingsError(f"{REQUEST_PARAM}: {error}") from None
 
     def begin_request(self, num_steps: int, overrides: dict[str, Any] | None = None) -> None:
         """Reset all state for a new request of `num_steps` steps with optional per-request overrides."""
@@ -344,6 +354,25 @@ def parse_config(config_cls: type, config: dict[str, Any] | None, *, what: str, 
         return config_cls(**{key: value for key, value in config.items() if key in fields})
     except (TypeError, ValueError) as error:
         raise ValueError(f"invalid {what} settings: {error} (valid keys: {', '.join(valid)})") from None
+
+
+def read_json_file(path: str | Path, what: str, max_bytes: int) -> Any:
+    """The JSON value of a small file written by `teaserve calibrate`; a ValueError naming `what` where it cannot be
+    read, is larger than `max_bytes` or is not JSON."""
+    path = Path(path)
+    try:
+        if not path.is_file():  # not a FIFO or a device that a read would hang on or never finish
+            raise OSError("not a regular file")
+        with path.open("rb") as file:
+            data = file.read(max_bytes + 1)
+    except OSError as error:
+        raise ValueError(f"cannot read {what}: {error.strerror or error}") from None
+    if len(data) > max_bytes:
+        raise ValueError(f"{what} is larger than {max_bytes} bytes")
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError(f"{what} is not JSON (write it with teaserve calibrate)") from None
 
 
 def parse_config_json(text: str) -> dict[str, Any]:

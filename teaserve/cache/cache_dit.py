@@ -31,8 +31,8 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
-from .base import CacheBackend, CacheSettingsError, is_number, parse_config, short_repr
-from .targets import BlockIO, CacheTarget, CallOrderBranches, cache_target_for, context_is_set
+from .base import CacheBackend, is_number, parse_config, short_repr
+from .targets import BlockIO, CacheTarget, CallOrderBranches, StackBranchStats, cache_target_for, context_is_set
 
 NAME = "cache_dit"
 INSTALL_HINT = "pip install 'teaserve[cache-dit]'"
@@ -184,15 +184,6 @@ def check_block_counts(config: CacheDiTConfig, lists: list[BlockList]) -> None:
 
 # -- what happened in a request -----------------------------------------------------------------------------------
 @dataclass
-class BranchStats:
-    computed_steps: int = 0
-    skipped_steps: int = 0
-    schedule: str = ""
-    """One letter per step: C every block ran, S the middle blocks were skipped."""
-    block_evaluations: int = 0
-
-
-@dataclass
 class Request:
     """The settings and the progress of the current request."""
 
@@ -205,7 +196,7 @@ class Request:
     """Still in the first step, computed in full while its branches are counted."""
     branch_order: list[str] = field(default_factory=list)
     """Branch names of the first step, in call order."""
-    branches: dict[str, BranchStats] = field(default_factory=dict)
+    branches: dict[str, StackBranchStats] = field(default_factory=dict)
 
 
 class CallState(BaseState):
@@ -338,7 +329,7 @@ class CacheDiT:
         self._refresh(separate_cfg=len(request.branch_order) == MAX_CFG_BRANCHES, full=False)
 
     def after_call(self, branch: str, evaluations: int) -> None:
-        stats = self.request.branches.setdefault(branch, BranchStats())
+        stats = self.request.branches.setdefault(branch, StackBranchStats())
         stats.block_evaluations += evaluations
         if evaluations >= self.num_blocks:
             stats.computed_steps += 1
@@ -406,6 +397,7 @@ class CacheDiTBackend(CacheBackend):
 
     name = NAME
     request_keys = ("enabled", "residual_diff_threshold")
+    request_checks = {"residual_diff_threshold": check_threshold}
     tuning_key = "residual_diff_threshold"
     tuning_values = (0.12, 0.2, 0.3, 0.5, 0.8)
 
@@ -428,13 +420,6 @@ class CacheDiTBackend(CacheBackend):
         if self._cache is not None:
             self._cache.remove()
         self._cache = None
-
-    def check_method_overrides(self, overrides) -> None:
-        if "residual_diff_threshold" in overrides:
-            try:
-                check_threshold(overrides["residual_diff_threshold"])
-            except ValueError as error:
-                raise CacheSettingsError(f"cache_config: {error}") from None
 
     def start_request(self, num_steps, overrides) -> None:
         if self._cache is not None:

@@ -12,7 +12,7 @@ from typing import Any
 
 from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
 
-from .base import CacheSettingsError, is_number, parse_config, short_repr
+from .base import is_number, parse_config, short_repr
 from .targets import DiffusersCacheBackend
 
 NAME = "first_block_cache"
@@ -43,6 +43,7 @@ class FirstBlockCacheBackend(DiffusersCacheBackend):
 
     name = NAME
     request_keys = ("enabled", "threshold")
+    request_checks = {"threshold": check_threshold}
     tuning_key = "threshold"
     tuning_values = (0.1, 0.2, 0.3, 0.5, 1.0)
 
@@ -59,13 +60,6 @@ class FirstBlockCacheBackend(DiffusersCacheBackend):
                 f"{NAME} needs at least two blocks (it always computes the first), but the cache target of "
                 f"{type(transformer).__name__} has one"
             )
-
-    def check_method_overrides(self, overrides) -> None:
-        if "threshold" in overrides:
-            try:
-                check_threshold(overrides["threshold"])
-            except ValueError as error:
-                raise CacheSettingsError(f"cache_config: {error}") from None
 
     def request_settings(self, num_steps, overrides) -> dict[str, Any]:
         return {"threshold": float(overrides.get("threshold", self.config.threshold))}

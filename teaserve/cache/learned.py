@@ -36,7 +36,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
-from .base import CacheBackend, CacheSettingsError, Calibrator, is_number, parse_config, short_repr
+from .base import CacheBackend, Calibrator, is_number, parse_config, short_repr
 from .targets import CacheTarget, CallOrderBranches, cache_target_for
 
 NAME = "learned"
@@ -278,6 +278,7 @@ class LearnedCacheBackend(CacheBackend):
 
     name = NAME
     request_keys = REQUEST_KEYS
+    request_checks = {"speedup": check_speedup}
     tuning_key = "speedup"
     tuning_values = (2.0, 4.0, 6.0, 7.5, 10.0)
 
@@ -311,13 +312,6 @@ class LearnedCacheBackend(CacheBackend):
     def remove(self, pipeline) -> None:
         _detach(pipeline.transformer, FORECAST_HOOK)
         self._transformer = None
-
-    def check_method_overrides(self, overrides) -> None:
-        if "speedup" in overrides:
-            try:
-                check_speedup(overrides["speedup"])
-            except ValueError as error:
-                raise CacheSettingsError(f"cache_config: {error}") from None
 
     def start_request(self, num_steps, overrides) -> None:
         plan = self.plan

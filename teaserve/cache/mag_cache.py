@@ -25,7 +25,7 @@ import torch
 from diffusers.hooks import HookRegistry, MagCacheConfig, ModelHook, apply_mag_cache
 from diffusers.hooks.hooks import BaseState, StateManager
 
-from .base import CacheSettingsError, Calibrator, is_number, parse_config, short_repr
+from .base import Calibrator, is_number, parse_config, short_repr
 from .targets import BlockIO, CacheTarget, CallOrderBranches, DiffusersCacheBackend, bound_arguments, cache_target_for
 
 NAME = "mag_cache"
@@ -111,6 +111,7 @@ class MagCacheBackend(DiffusersCacheBackend):
 
     name = NAME
     request_keys = ("enabled", "threshold", "max_skip_steps")
+    request_checks = {"threshold": check_threshold, "max_skip_steps": check_max_skip_steps}
     tuning_key = "threshold"
     tuning_values = (0.06, 0.12, 0.24, 0.5, 1.0)
 
@@ -137,15 +138,6 @@ class MagCacheBackend(DiffusersCacheBackend):
     def remove(self, pipeline) -> None:
         super().remove(pipeline)
         self._applied_to = None
-
-    def check_method_overrides(self, overrides) -> None:
-        try:
-            if "threshold" in overrides:
-                check_threshold(overrides["threshold"])
-            if "max_skip_steps" in overrides:
-                check_max_skip_steps(overrides["max_skip_steps"])
-        except ValueError as error:
-            raise CacheSettingsError(f"cache_config: {error}") from None
 
     def request_settings(self, num_steps, overrides) -> dict[str, Any]:
         return {

@@ -16,7 +16,7 @@ from typing import Any
 
 from diffusers.hooks import TaylorSeerCacheConfig, apply_taylorseer_cache
 
-from .base import CacheSettingsError, parse_config, short_repr
+from .base import parse_config, short_repr
 from .targets import DiffusersCacheBackend
 
 NAME = "taylorseer"
@@ -62,6 +62,7 @@ class TaylorSeerBackend(DiffusersCacheBackend):
 
     name = NAME
     request_keys = ("enabled", "cache_interval")
+    request_checks = {"cache_interval": check_cache_interval}
     tuning_key = "cache_interval"
     tuning_values = (2, 3, 4, 6, 15)
 
@@ -71,13 +72,6 @@ class TaylorSeerBackend(DiffusersCacheBackend):
 
     def configure_method(self, settings) -> None:
         self.config = parse_config(TaylorSeerSettings, settings, what=NAME)
-
-    def check_method_overrides(self, overrides) -> None:
-        if "cache_interval" in overrides:
-            try:
-                check_cache_interval(overrides["cache_interval"])
-            except ValueError as error:
-                raise CacheSettingsError(f"cache_config: {error}") from None
 
     def request_settings(self, num_steps, overrides) -> dict[str, Any]:
         config = self.config

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
-from .base import CacheBackend, CacheSettingsError, is_number, parse_config, short_repr
+from .base import CacheBackend, is_number, parse_config, read_json_file, short_repr
 from .targets import BlockIO, CacheTarget, CallOrderBranches, Gate, bound_arguments, cache_target_for, relative_l1
 
 NAME = "tea_cache"
@@ -235,19 +234,7 @@ class TeaCacheConfig:
 def read_profile(path: str | Path) -> tuple[Any, Any]:
     """(coefficients, x_range or None) of a calibration profile: a small JSON file with a "coefficients" list."""
     path = Path(path)
-    try:
-        if not path.is_file():  # not a FIFO or a device that a read would hang on or never finish
-            raise OSError("not a regular file")
-        with path.open("rb") as file:
-            data = file.read(MAX_PROFILE_BYTES + 1)
-    except OSError as error:
-        raise ValueError(f"cannot read coefficients_file {str(path)!r}: {error.strerror or error}") from None
-    if len(data) > MAX_PROFILE_BYTES:
-        raise ValueError(f"coefficients_file {str(path)!r} is larger than {MAX_PROFILE_BYTES} bytes")
-    try:
-        profile = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ValueError(f"coefficients_file {str(path)!r} is not JSON (write it with teaserve calibrate)") from None
+    profile = read_json_file(path, f"coefficients_file {str(path)!r}", MAX_PROFILE_BYTES)
     if not isinstance(profile, dict) or "coefficients" not in profile:
         raise ValueError(f'coefficients_file {str(path)!r} has no "coefficients" (write it with teaserve calibrate)')
     return profile["coefficients"], profile.get("x_range")
@@ -263,17 +250,6 @@ def layered_settings(*layers: dict[str, Any] | None) -> dict[str, Any]:
                 merged.pop(key, None)
         merged.update(layer)
     return merged
-
-
-def check_request_values(overrides: dict[str, Any]) -> None:
-    """The values of per-request overrides (their keys are checked already); errors are CacheSettingsError."""
-    try:
-        if "rel_l1_thresh" in overrides:
-            check_threshold(overrides["rel_l1_thresh"])
-        if "max_consecutive_skips" in overrides:
-            check_max_consecutive_skips(overrides["max_consecutive_skips"])
-    except ValueError as error:
-        raise CacheSettingsError(f"cache_config: {error}") from None
 
 
 def target_rescaling(config: TeaCacheConfig, target: CacheTarget, transformer: torch.nn.Module) -> Rescaling:
@@ -561,6 +537,7 @@ class TeaCacheBackend(CacheBackend):
 
     name = NAME
     request_keys = REQUEST_KEYS
+    request_checks = {"rel_l1_thresh": check_threshold, "max_consecutive_skips": check_max_consecutive_skips}
     tuning_key = "rel_l1_thresh"
     tuning_values = (0.1, 0.2, 0.4, 0.6, 0.8)
 
@@ -585,9 +562,6 @@ class TeaCacheBackend(CacheBackend):
     def remove(self, pipeline) -> None:
         remove_teacache(pipeline.transformer)
         self._teacache = None
-
-    def check_method_overrides(self, overrides) -> None:
-        check_request_values(overrides)
 
     def start_request(self, num_steps, overrides) -> None:
         if self._teacache is not None:  # not applied (or removed): nothing to prepare

@@ -9,12 +9,12 @@ names a file), read with a size limit.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..cache import CACHE_BACKENDS, cache_backend_names
+from ..cache.base import read_json_file
 
 MAX_PROFILE_BYTES = 4 << 20
 """Several backends' settings and quality tables fit in a small fraction of this."""
@@ -31,22 +31,8 @@ class CacheProfile:
 
     @classmethod
     def read(cls, path: str | Path) -> CacheProfile:
-        path = Path(path)
         what = f"cache profile {str(path)!r}"
-        try:
-            if not path.is_file():  # not a FIFO or a device that a read would hang on or never finish
-                raise OSError("not a regular file")
-            with path.open("rb") as file:
-                data = file.read(MAX_PROFILE_BYTES + 1)
-        except OSError as error:
-            raise ValueError(f"cannot read {what}: {error.strerror or error}") from None
-        if len(data) > MAX_PROFILE_BYTES:
-            raise ValueError(f"{what} is larger than {MAX_PROFILE_BYTES} bytes")
-        try:
-            profile = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ValueError(f"{what} is not JSON (write it with teaserve calibrate)") from None
-        return cls.parse(profile, what)
+        return cls.parse(read_json_file(path, what, MAX_PROFILE_BYTES), what)
 
     @classmethod
     def parse(cls, profile: Any, what: str = "cache profile") -> CacheProfile:
