@@ -171,6 +171,20 @@ def test_removing_the_cache_restores_the_uncached_forward(tiny_qwen, plain, cach
     assert restored.metrics.cache is None
 
 
+def test_a_transformer_that_other_hooks_wrap_is_refused_and_left_working(cache_dit):
+    from teaserve import remove_teacache
+    from teaserve.pipelines.testing import tiny_qwen_pipeline
+
+    pipe = tiny_qwen_pipeline()
+    teacache = create_cache_backend("tea_cache", {"rel_l1_thresh": 1e-9})
+    teacache.apply(pipe)
+    with pytest.raises(ValueError, match="cannot share a transformer with other hooks on its forward"):
+        apply_cache_dit(pipe.transformer)
+    assert not getattr(pipe.transformer, "_is_cached", False)  # nothing of cache-dit was put on
+    remove_teacache(pipe.transformer)
+    apply_cache_dit(pipe.transformer).remove()  # once the other hooks are off, it applies
+
+
 def test_block_counts_that_do_not_fit_the_stack_are_refused(tiny_qwen, cache_dit):
     # the tiny Qwen-Image has 2 blocks
     with pytest.raises(ValueError, match=r"Fn_compute_blocks \+ Bn_compute_blocks \(2 \+ 1\) must be at most 2"):
