@@ -18,6 +18,9 @@ if TYPE_CHECKING:
     from ..pipelines import LoadedModel
 
 DEFAULT_MAX_QUEUE_SIZE = 16
+MAX_BATCH_SIZE = 64
+MAX_BATCH_WAIT_MS = 10_000.0
+MAX_PROMPT_CACHE_SIZE = 100_000
 
 
 def json_object_arg(text: str) -> dict[str, Any]:
@@ -103,6 +106,27 @@ class EngineArgs:
     max_input_pixels: int = field(
         default=3 * 2**24, metadata=_flag("most pixels of all input images and the mask of a request", type=int)
     )
+    max_batch_size: int = field(
+        default=8,
+        metadata=_flag(
+            "most requests run together in one pipeline call (compatible ones only: same size, steps, guidance and "
+            "cache settings; 1: no batching)",
+            type=int,
+        ),
+    )
+    batch_wait_ms: float = field(
+        default=0.0,
+        metadata=_flag(
+            "milliseconds a request may wait for compatible partners before its batch starts (0: take only "
+            "those already queued)",
+            type=float,
+            metavar="MS",
+        ),
+    )
+    prompt_cache_size: int = field(
+        default=256,
+        metadata=_flag("encoded prompts kept for reuse, least recently used dropped first (0: no cache)", type=int),
+    )
     profile: bool = False
     """Also time the transformer, synchronising the device around each call (for benchmarks)."""
 
@@ -113,6 +137,13 @@ class EngineArgs:
         for name in ("max_image_pixels", "max_request_pixels", "max_input_image_pixels", "max_input_pixels"):
             _check_int(self, name, 1)
         _check_number(self, "max_aspect_ratio", 1.0)
+        _check_int(self, "max_batch_size", 1, MAX_BATCH_SIZE)
+        _check_number(self, "batch_wait_ms", 0.0)
+        if self.batch_wait_ms > MAX_BATCH_WAIT_MS:
+            raise ValueError(
+                f"{setting_name('batch_wait_ms')} must be at most {MAX_BATCH_WAIT_MS:g}, got {self.batch_wait_ms!r}"
+            )
+        _check_int(self, "prompt_cache_size", 0, MAX_PROMPT_CACHE_SIZE)
         if self.request_timeout is not None:
             _check_number(self, "request_timeout", 0.0, inclusive=False)
 
