@@ -9,7 +9,16 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .base import CacheBackend, CacheSettingsError, NoCache, parse_config, parse_config_json
+from .base import (
+    ROWS_CONTEXT,
+    CacheBackend,
+    CacheSettingsError,
+    NoCache,
+    parse_config,
+    parse_config_json,
+    row_group_label,
+    stats_of_request,
+)
 from .cache_dit import CacheDiTBackend
 from .calibration import GateRecorder, record_gate_changes
 from .first_block_cache import FirstBlockCacheBackend
@@ -53,6 +62,7 @@ def create_cache_backend(name: str | None, config: dict[str, Any] | None = None)
 __all__ = [
     "CACHE_BACKENDS",
     "CACHE_BACKEND_ENV",
+    "ROWS_CONTEXT",
     "CacheBackend",
     "CacheSettingsError",
     "CacheTarget",
@@ -80,4 +90,6 @@ __all__ = [
     "registered_transformers",
     "remove_teacache",
     "resolve_backend_name",
+    "row_group_label",
+    "stats_of_request",
 ]

@@ -6,7 +6,7 @@ import dataclasses
 import json
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Self
@@ -177,6 +177,9 @@ class CacheBackend(ABC):
     """The setting that trades speed for quality, larger = faster; None for a method without one."""
     tuning_values: ClassVar[tuple[float, ...]] = ()
     """The values of `tuning_key` that `teaserve bench` and `teaserve calibrate` sweep, slowest first."""
+    supports_row_groups: ClassVar[bool] = False
+    """Whether the method keeps a separate state for each group of rows of one batched transformer call
+    (`set_row_groups`), so that requests and CFG branches batched together get exactly what each gets alone."""
 
     def __init__(self) -> None:
         self.settings: dict[str, Any] = {}
@@ -279,6 +282,13 @@ class CacheBackend(ABC):
     def set_step(self, step_index: int) -> None:  # noqa: B027  (optional: only step-aware methods need it)
         """The denoising loop is now at `step_index` (0-based)."""
 
+    def set_row_groups(self, labels: Sequence[str]) -> None:
+        """For the request that `begin_request` began: its transformer calls are batched, made under
+        `ROWS_CONTEXT`, with one label per row (`row_group_label`). Rows with equal labels (one request's outputs in
+        one CFG branch, contiguous) share one state and one decision, as one branch of a request alone does; the
+        stats report each label as a branch (`stats_of_request` splits them). Only where `supports_row_groups`."""
+        raise NotImplementedError(f"the {self.name!r} cache backend cannot keep per-row state in a batched call")
+
     def stats(self) -> dict[str, Any] | None:
         """Statistics of the last request (finite numbers only), or None when the backend has nothing to report.
 
@@ -292,6 +302,47 @@ class CacheBackend(ABC):
 
     def request_stats(self) -> dict[str, Any] | None:
         return None
+
+
+ROWS_CONTEXT = "rows"
+"""The `cache_context` of batched transformer calls whose rows the backend was told by `set_row_groups`."""
+_REQUEST_SEPARATOR = "/"
+
+
+def row_group_label(request_index: int, branch: str) -> str:
+    """The label of the rows of request `request_index` (in its batch) in CFG branch `branch`."""
+    return f"{request_index}{_REQUEST_SEPARATOR}{branch}"
+
+
+def contiguous_groups(labels: Sequence[str]) -> list[tuple[str, slice]]:
+    """(label, rows) of each group of equal labels, which must be contiguous."""
+    groups: list[tuple[str, slice]] = []
+    start = 0
+    for index in range(1, len(labels) + 1):
+        if index == len(labels) or labels[index] != labels[start]:
+            groups.append((labels[start], slice(start, index)))
+            start = index
+    if len({label for label, _ in groups}) != len(groups):
+        raise ValueError(f"the rows of each group must be contiguous, got {list(labels)}")
+    return groups
+
+
+def stats_of_request(stats: dict[str, Any] | None, request_index: int) -> dict[str, Any] | None:
+    """The statistics of a batch (`set_row_groups`) restricted to request `request_index`: its branches under their
+    own names and the step counts summed over them."""
+    if stats is None:
+        return None
+    prefix = f"{request_index}{_REQUEST_SEPARATOR}"
+    branches = {
+        name.removeprefix(prefix): branch
+        for name, branch in (stats.get("branches") or {}).items()
+        if name.startswith(prefix)
+    }
+    own = {**stats, "branches": branches}
+    for key in ("computed_steps", "skipped_steps"):
+        if key in stats:
+            own[key] = sum(branch[key] for branch in branches.values())
+    return own
 
 
 def check_request_keys(overrides: dict[str, Any] | None, valid: tuple[str, ...], what: str) -> dict[str, Any]:
@@ -316,6 +367,10 @@ class NoCache(CacheBackend):
     """Every step computed; takes no settings."""
 
     name = "none"
+    supports_row_groups = True
+
+    def set_row_groups(self, labels) -> None:
+        pass
 
     def configure_method(self, settings) -> None:
         if settings:

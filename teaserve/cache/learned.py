@@ -36,7 +36,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
-from .base import CacheBackend, Calibrator, is_number, parse_config, short_repr
+from .base import ROWS_CONTEXT, CacheBackend, Calibrator, contiguous_groups, is_number, parse_config, short_repr
 from .targets import CacheTarget, CallOrderBranches, cache_target_for
 
 NAME = "learned"
@@ -205,6 +205,14 @@ class RequestPlan:
     step_index: int | None = None
     """None: not driven by an engine; each branch counts its own calls."""
     branches: dict[str, BranchStats] = field(default_factory=dict)
+    row_groups: tuple[str, ...] | None = None
+    """The labels of the request's row groups in batched calls (`set_row_groups`); every group follows the same
+    schedule and weights, so only their statistics are kept apart."""
+
+    def branch_names(self, context: str) -> tuple[str, ...]:
+        if self.row_groups is not None and context == ROWS_CONTEXT:
+            return self.row_groups
+        return (context,)
 
 
 class ForecastState(BaseState):
@@ -231,9 +239,9 @@ class ForecastHook(ModelHook):
         plan = self.plan
         if not plan.enabled:
             return self.fn_ref.original_forward(*args, **kwargs)
-        name = self.state_manager.context.name
         state: ForecastState = self.state_manager.get_state()
-        stats = plan.branches.setdefault(name, BranchStats())
+        names = plan.branch_names(self.state_manager.context.name)
+        stats = [plan.branches.setdefault(name, BranchStats()) for name in names]
         step = state.calls if plan.step_index is None else plan.step_index
         state.calls += 1
         weights = plan.weights[step] if plan.num_steps is not None and step < plan.num_steps else None
@@ -241,15 +249,17 @@ class ForecastHook(ModelHook):
             output = self.fn_ref.original_forward(*args, **kwargs)
             state.history = [*state.history, primary_tensor(output)][-MAX_HISTORY:]
             state.last_output = output
-            stats.computed_steps += 1
-            stats.schedule += "C"
+            for branch in stats:
+                branch.computed_steps += 1
+                branch.schedule += "C"
             return output
         history = state.history[::-1]  # most recent first, like the weights
         forecast = weights[0] * history[0]
         for weight, past in zip(weights[1:], history[1:], strict=False):  # early steps have a shorter history
             forecast = forecast + weight * past
-        stats.skipped_steps += 1
-        stats.schedule += "S"
+        for branch in stats:
+            branch.skipped_steps += 1
+            branch.schedule += "S"
         return with_primary_tensor(state.last_output, forecast)
 
     def reset_state(self, module):
@@ -281,6 +291,7 @@ class LearnedCacheBackend(CacheBackend):
     request_checks = {"speedup": check_speedup}
     tuning_key = "speedup"
     tuning_values = (2.0, 4.0, 6.0, 7.5, 10.0)
+    supports_row_groups = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -317,7 +328,7 @@ class LearnedCacheBackend(CacheBackend):
         plan = self.plan
         plan.enabled = overrides.get("enabled", True)
         plan.speedup = float(overrides.get("speedup", self.config.speedup))
-        plan.num_steps, plan.step_index, plan.branches = num_steps, 0, {}
+        plan.num_steps, plan.step_index, plan.branches, plan.row_groups = num_steps, 0, {}, None
         plan.schedule, plan.weights = self.config.plan(num_steps, plan.speedup)
         plan.fitted = any(w is not None and w is not REUSE for w in plan.weights)
         if self._transformer is not None:  # a request that raised never reached the pipeline's own reset
@@ -325,6 +336,9 @@ class LearnedCacheBackend(CacheBackend):
 
     def set_step(self, step_index: int) -> None:
         self.plan.step_index = step_index
+
+    def set_row_groups(self, labels) -> None:
+        self.plan.row_groups = tuple(label for label, _ in contiguous_groups(labels))
 
     def request_stats(self) -> dict[str, Any] | None:
         if self._transformer is None:

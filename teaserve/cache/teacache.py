@@ -30,7 +30,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
-from .base import CacheBackend, is_number, parse_config, read_json_file, short_repr
+from .base import ROWS_CONTEXT, CacheBackend, contiguous_groups, is_number, parse_config, read_json_file, short_repr
 from .targets import BlockIO, CacheTarget, CallOrderBranches, Gate, bound_arguments, cache_target_for, relative_l1
 
 NAME = "tea_cache"
@@ -329,6 +329,14 @@ class RequestClock:
     step_index: int | None = None
     """None: not driven by an engine; each branch counts its own calls since the pipeline's last reset."""
     branches: dict[str, BranchStats] = field(default_factory=dict)
+    row_groups: list[tuple[str, slice]] | None = None
+    """The request's row groups in batched calls (`set_row_groups`); None: a call's rows are one branch, named by
+    its cache context."""
+
+    def groups(self, context: str) -> list[tuple[str, slice]]:
+        if self.row_groups is not None and context == ROWS_CONTEXT:
+            return self.row_groups
+        return [(context, slice(None))]
 
 
 class BranchState(BaseState):
@@ -336,10 +344,14 @@ class BranchState(BaseState):
         self.reset()
 
     def reset(self, *args, **kwargs) -> None:
-        self.policy: TeaCachePolicy | None = None
+        self.policies: dict[str, TeaCachePolicy] = {}
+        """One per row group: a branch of a request alone, or its rows in a batched call."""
         self.calls = 0
         self.previous_gate: torch.Tensor | None = None
         self.skipping = False
+        """Every row skips this call."""
+        self.reused_rows: list[slice] = []
+        """Rows that skip while others compute: at the tail their output becomes inputs plus cached residual."""
         self.head_inputs: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.residuals: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
@@ -364,18 +376,29 @@ class TeaCacheBlockHook(ModelHook):
         if state.skipping:
             return self.io.join(*self.io.inputs(bound_arguments(self._signature, args, kwargs)))
         output = self.fn_ref.original_forward(*args, **kwargs)
-        if self.is_tail:
-            self._store_residuals(state, output)
-        return output
+        return self._store_residuals(state, output) if self.is_tail else output
 
-    def _store_residuals(self, state: BranchState, output) -> None:
+    def _store_residuals(self, state: BranchState, output):
+        """Keep the residuals of the rows that computed. Rows that skip while others compute come out as inputs
+        plus their cached residual, so every row gets what its group gets in a call of its own."""
         hidden, encoder = self.io.split(output)
         assert state.head_inputs is not None, "the tail runs only after the head computed"
         head_hidden, head_encoder = state.head_inputs
-        state.residuals = (
-            hidden - head_hidden,
-            None if encoder is None or head_encoder is None else encoder - head_encoder,
-        )
+        hidden_residual = hidden - head_hidden
+        encoder_residual = None if encoder is None or head_encoder is None else encoder - head_encoder
+        if state.reused_rows:
+            assert state.residuals is not None, "rows skip only after a computed step"
+            cached_hidden, cached_encoder = state.residuals
+            for rows in state.reused_rows:
+                hidden_residual[rows] = cached_hidden[rows]
+                if encoder_residual is not None and cached_encoder is not None:
+                    encoder_residual[rows] = cached_encoder[rows]
+            hidden = head_hidden + hidden_residual
+            if encoder_residual is not None and head_encoder is not None:
+                encoder = head_encoder + encoder_residual
+            output = self.io.join(hidden, encoder)
+        state.residuals = (hidden_residual, encoder_residual)
+        return output
 
 
 class TeaCacheHeadHook(TeaCacheBlockHook):
@@ -393,33 +416,49 @@ class TeaCacheHeadHook(TeaCacheBlockHook):
             return self.fn_ref.original_forward(*args, **kwargs)
         arguments = bound_arguments(self._signature, args, kwargs)
         state: BranchState = self.state_manager.get_state()
-        if state.policy is None:  # the branch's first call since the last reset: a new request
-            state.policy = TeaCachePolicy(clock.rescaling, clock.rel_l1_thresh, clock.max_consecutive_skips)
-            clock.branches[self.state_manager.context.name] = BranchStats()
-        stats = clock.branches[self.state_manager.context.name]
         step_index = state.calls if clock.step_index is None else clock.step_index
         state.calls += 1
 
         gate = self.gate(module, arguments).detach()
-        rel_l1 = None
-        if state.previous_gate is not None and state.previous_gate.shape == gate.shape and state.residuals is not None:
-            rel_l1 = relative_l1(gate, state.previous_gate)
+        previous = state.previous_gate
+        if previous is None or previous.shape != gate.shape or state.residuals is None:
+            previous = None
+        groups = clock.groups(self.state_manager.context.name)
+        skipped = [rows for name, rows in groups if not self._decide(state, name, gate, previous, rows, step_index)]
         state.previous_gate = gate
-        compute = state.policy.should_compute(rel_l1, step_index, clock.num_steps, stats)
 
         hidden, encoder = self.io.inputs(arguments)
-        state.skipping = not compute
-        if not compute:
+        state.skipping = len(skipped) == len(groups)
+        if state.skipping:
             assert state.residuals is not None, "a step is skipped only after a computed one (rel_l1 needs it)"
             hidden_residual, encoder_residual = state.residuals
             if encoder is not None and encoder_residual is not None:
                 encoder = encoder + encoder_residual
             return self.io.join(hidden + hidden_residual, encoder)
+        state.reused_rows = skipped
         state.head_inputs = (hidden, encoder)
         output = self.fn_ref.original_forward(*args, **kwargs)
-        if self.is_tail:
-            self._store_residuals(state, output)
-        return output
+        return self._store_residuals(state, output) if self.is_tail else output
+
+    def _decide(
+        self,
+        state: BranchState,
+        name: str,
+        gate: torch.Tensor,
+        previous: torch.Tensor | None,
+        rows: slice,
+        step_index: int,
+    ) -> bool:
+        """Whether row group `name` computes this step: the TeaCache rule on the group's own rows of the gate."""
+        clock = self.clock
+        policy = state.policies.get(name)
+        if policy is None:  # the group's first call since the last reset: a new request
+            policy = state.policies[name] = TeaCachePolicy(
+                clock.rescaling, clock.rel_l1_thresh, clock.max_consecutive_skips
+            )
+            clock.branches[name] = BranchStats()
+        rel_l1 = None if previous is None else relative_l1(gate[rows], previous[rows])
+        return policy.should_compute(rel_l1, step_index, clock.num_steps, clock.branches[name])
 
     def reset_state(self, module):
         self.state_manager.reset()
@@ -482,12 +521,16 @@ class TeaCache:
         clock.enabled = overrides.get("enabled", True)
         clock.rel_l1_thresh = overrides.get("rel_l1_thresh", config.rel_l1_thresh)
         clock.max_consecutive_skips = overrides.get("max_consecutive_skips", config.max_consecutive_skips)
-        clock.num_steps, clock.step_index, clock.branches = num_steps, 0, {}
+        clock.num_steps, clock.step_index, clock.branches, clock.row_groups = num_steps, 0, {}, None
         # A request that ended in an exception never reached the pipeline's own reset: reset here too.
         HookRegistry.check_if_exists_or_initialize(self.transformer).reset_stateful_hooks()
 
     def set_step(self, step_index: int) -> None:
         self.clock.step_index = step_index
+
+    def set_row_groups(self, labels: Sequence[str]) -> None:
+        """Driven mode: calls under ROWS_CONTEXT carry these row groups (see CacheBackend.set_row_groups)."""
+        self.clock.row_groups = contiguous_groups(labels)
 
     def stats(self) -> dict[str, Any]:
         clock = self.clock
@@ -540,6 +583,7 @@ class TeaCacheBackend(CacheBackend):
     request_checks = {"rel_l1_thresh": check_threshold, "max_consecutive_skips": check_max_consecutive_skips}
     tuning_key = "rel_l1_thresh"
     tuning_values = (0.1, 0.2, 0.4, 0.6, 0.8)
+    supports_row_groups = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -570,6 +614,10 @@ class TeaCacheBackend(CacheBackend):
     def set_step(self, step_index: int) -> None:
         if self._teacache is not None:
             self._teacache.set_step(step_index)
+
+    def set_row_groups(self, labels) -> None:
+        if self._teacache is not None:
+            self._teacache.set_row_groups(labels)
 
     def request_stats(self) -> dict[str, Any] | None:
         return None if self._teacache is None else self._teacache.stats()

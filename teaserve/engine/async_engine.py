@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import os
@@ -38,7 +39,7 @@ from .images import ImageSource, open_inputs
 from .limits import check_seed, check_size_limits, check_work_limits
 from .params import OmniDiffusionSamplingParams, parameter_error
 from .request import GenerationRequest, ProgressEvent, PromptInput, RequestOutput
-from .worker import ModelWorker
+from .worker import BatchMember, ModelWorker
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +104,8 @@ class AsyncEngine:
         self._run_lock = threading.Lock()
         """Held while a request runs: a backend swap never overlaps one."""
         self._active: dict[str, RequestHandle] = {}
-        self._running: RequestHandle | None = None
+        self._running: list[RequestHandle] = []
+        """The requests the worker is running (one batch)."""
         self._progress_at: float | None = None
         self._seconds_per_request = 1.0
         self._accepting = True
@@ -170,7 +172,7 @@ class AsyncEngine:
 
     @property
     def num_running(self) -> int:
-        return 0 if self._running is None else 1
+        return len(self._running)
 
     # -- admission ---------------------------------------------------------------------------------
     def check_inputs(self, image_count: int, has_mask: bool) -> None:
@@ -204,7 +206,7 @@ class AsyncEngine:
     @property
     def running_request_id(self) -> str | None:
         running = self._running
-        return None if running is None else running.request_id
+        return running[0].request_id if running else None
 
     @property
     def seconds_since_progress(self) -> float | None:
@@ -390,46 +392,86 @@ class AsyncEngine:
                 if handle is None:
                     self._queue.task_done()
                     return
-                answer: Callable[[], None] | None = None
+                batch = [handle]
+                answers: list[Callable[[], None]] = []
                 try:
+                    batch += self._take_partners(handle)
                     with self._run_lock:
-                        answer = self._run(handle)
+                        answers = self._run(batch)
                 finally:
-                    self._queue.task_done()  # before the caller hears back: it then finds the engine idle
-                    if answer is not None:
+                    for _ in batch:  # before the callers hear back: they then find the engine idle
+                        self._queue.task_done()
+                    for answer in answers:
                         answer()
-                    if not handle.future.done():  # something beyond Exception escaped: never leave a caller waiting
-                        handle.future.set_exception(GenerationError("the model worker stopped"))
-                    self._active.pop(handle.request_id, None)
+                    for member in batch:
+                        if not member.future.done():  # something beyond Exception escaped: never leave one waiting
+                            member.future.set_exception(GenerationError("the model worker stopped"))
+                        self._active.pop(member.request_id, None)
         finally:
             if not self._stopped:
                 logger.critical("the model worker stopped unexpectedly; the engine takes no more requests")
                 self.begin_shutdown()
 
-    def _run(self, handle: RequestHandle) -> Callable[[], None] | None:
-        """Run one request; returns what answers its caller (called once the worker is done with it)."""
+    def _take_partners(self, first: RequestHandle) -> list[RequestHandle]:
+        """Queued requests that can run in one batch with `first` (same `batch_key`), up to max_batch_size in all,
+        taken out of the queue in order; waits up to batch_wait_ms for more while the batch is not full."""
+        limit = self.args.max_batch_size - 1
+        key = self._worker.batch_key(first.request) if limit > 0 else None
+        if key is None:
+            return []
+        deadline = time.monotonic() + self.args.batch_wait_ms / 1000
+        partners: list[RequestHandle] = []
+        queued = self._queue
+        with queued.mutex:
+            while True:
+                for handle in list(queued.queue):
+                    if len(partners) == limit:
+                        break
+                    if handle is not None and self._worker.batch_key(handle.request) == key:
+                        queued.queue.remove(handle)
+                        partners.append(handle)
+                left = deadline - time.monotonic()
+                if len(partners) == limit or left <= 0 or None in queued.queue:
+                    break
+                queued.not_empty.wait(left)
+            if partners:
+                queued.not_full.notify(len(partners))
+        return partners
+
+    def _run(self, batch: list[RequestHandle]) -> list[Callable[[], None]]:
+        """Run a batch of requests; returns what answers their callers (called once the worker is done)."""
         if not self._accepting:
-            return lambda: self._refuse(handle)  # it reached the queue while shutdown began
-        if not handle.future.set_running_or_notify_cancel():
-            return None  # cancelled while queued
-        self._running = handle
+            return [functools.partial(self._refuse, handle) for handle in batch]  # queued while shutdown began
+        running = [handle for handle in batch if handle.future.set_running_or_notify_cancel()]  # else cancelled
+        if not running:
+            return []
+        self._running = running
         self._progress_at = time.monotonic()
         started = time.perf_counter()
-        try:
-            output = self._worker.run(
+        members = [
+            BatchMember(
                 handle.request,
                 check_stop=self._stop_check(handle),
-                on_progress=lambda event: self._advance(handle, event),
+                on_progress=functools.partial(self._advance, handle),
                 queue_seconds=started - handle.submitted_at,
             )
-        except Exception as error:  # a failing request fails alone; the worker goes on
-            failure = self._failure(handle.request_id, error)
-            return lambda: handle.future.set_exception(failure)
+            for handle in running
+        ]
+        try:
+            outputs: list[RequestOutput | Exception] = self._worker.run_batch(members)
+        except Exception as error:  # a failing batch fails alone; the worker goes on
+            outputs = [error] * len(running)
         finally:
             self._progress_at = None
-            self._running = None
-            elapsed = time.perf_counter() - started
+            self._running = []
+            elapsed = (time.perf_counter() - started) / len(running)
             self._seconds_per_request = 0.8 * self._seconds_per_request + 0.2 * elapsed
+        return [self._answer(handle, output) for handle, output in zip(running, outputs, strict=True)]
+
+    def _answer(self, handle: RequestHandle, output: RequestOutput | Exception) -> Callable[[], None]:
+        if isinstance(output, Exception):
+            failure = self._failure(handle.request_id, output)
+            return lambda: handle.future.set_exception(failure)
         return lambda: handle.future.set_result(output)
 
     def _stop_check(self, handle: RequestHandle) -> Callable[[], None]:

@@ -107,9 +107,12 @@ class RequestMetrics:
     steps: int
     """Denoising steps completed."""
     transformer_calls: int
+    """Transformer evaluations of the request's CFG branches: a call that carries both branches counts twice."""
     transformer_seconds: float | None = None
     """Time inside the transformer (device-synchronised); measured only by engines built with profile=True."""
     cache: dict[str, Any] | None = None
+    batch_size: int = 1
+    """Requests that ran together in one batched pipeline call (seconds and transformer counts are the batch's)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import itertools
+import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from PIL import Image
 
-from ..cache import CacheBackend
+from ..cache import CacheBackend, row_group_label, stats_of_request
 from ..pipelines import LoadedModel, ModelFamily, PipelineInputs
 from .request import GenerationRequest, ProgressEvent, RequestMetrics, RequestOutput
 
@@ -35,28 +40,28 @@ def stoppable_modules(pipeline: Any) -> list[torch.nn.Module]:
 
 
 class StepTracker:
-    """Follows the denoising loop through the pipeline's step callback: stop checks, progress and previews."""
+    """Follows one request through the denoising loop: its progress events and previews."""
 
     def __init__(
         self,
         request: GenerationRequest,
         inputs: PipelineInputs,
         family: ModelFamily,
-        cache: CacheBackend,
         check_stop: StopCheck,
         on_progress: ProgressCallback | None,
     ):
-        self.request, self.inputs, self.family, self.cache = request, inputs, family, cache
+        self.request, self.inputs, self.family = request, inputs, family
         self.check_stop, self.on_progress = check_stop, on_progress
         self.steps_done = 0
         self.previous_latents: torch.Tensor | None = None
         self.final_latents: torch.Tensor | None = None
+        self.error: Exception | None = None
+        """Why the request stopped while the others of its batch go on."""
 
-    def on_step_end(self, pipeline, step_index: int, timestep, callback_kwargs: dict) -> dict:
+    def advance(self, pipeline, step_index: int, latents: torch.Tensor) -> None:
+        """Step `step_index` ended with `latents` (this request's rows)."""
         self.steps_done = step_index + 1
-        self.cache.set_step(step_index + 1)
-        self.check_stop()
-        latents = self.final_latents = callback_kwargs["latents"]
+        self.final_latents = latents
         previews = None
         if step_index in self.request.preview_steps:
             previews = self.family.preview(pipeline, step_index, self.previous_latents, latents, self.inputs)
@@ -64,7 +69,35 @@ class StepTracker:
         if self.on_progress is not None:
             request = self.request
             self.on_progress(ProgressEvent(request.request_id, self.steps_done, request.num_inference_steps, previews))
-        return callback_kwargs
+
+    def still_running(self) -> bool:
+        """False once the request had to stop (its stop check raised); the error is kept in `error`."""
+        if self.error is None:
+            try:
+                self.check_stop()
+            except Exception as error:  # a cancellation or a deadline: this request alone ends
+                self.error = error
+        return self.error is None
+
+
+@dataclass
+class BatchMember:
+    """One request of a batch and how the engine follows it."""
+
+    request: GenerationRequest
+    check_stop: StopCheck = _never_stop
+    """Raises when the request must stop (cancelled, past its deadline): the others of the batch go on."""
+    on_progress: ProgressCallback | None = None
+    queue_seconds: float = 0.0
+
+
+@dataclass
+class RunTiming:
+    """What one pipeline run cost (shared by the requests of a batch)."""
+
+    seconds: float = 0.0
+    transformer_calls: int = 0
+    transformer_seconds: float | None = None
 
 
 class ModelWorker:
@@ -142,6 +175,22 @@ class ModelWorker:
             extra=request.model_knobs,
         )
 
+    def batch_key(self, request: GenerationRequest) -> Hashable | None:
+        """Requests with equal keys can run together in one batched denoising loop (`run_batch`); None: this one
+        runs alone (an edit, a family without batched runs, or a cache backend without per-row state)."""
+        if not (self.model.family.runs_batches and self.cache.supports_row_groups) or request.images or request.mask:
+            return None
+        return (
+            request.width,
+            request.height,
+            request.num_inference_steps,
+            request.true_cfg_scale,
+            request.negative_prompt is not None,
+            request.guidance_scale,
+            json.dumps(request.params.cache_config, sort_keys=True),
+            json.dumps(request.model_knobs, sort_keys=True),
+        )
+
     def run(
         self,
         request: GenerationRequest,
@@ -150,30 +199,112 @@ class ModelWorker:
         on_progress: ProgressCallback | None = None,
         queue_seconds: float = 0.0,
     ) -> RequestOutput:
-        """Run `request`; `check_stop` is called after every step and before every block of every model call."""
+        """Run `request` alone; `check_stop` is called after every step and before every block of every model call."""
+        output = self.run_batch([BatchMember(request, check_stop, on_progress, queue_seconds)])[0]
+        if isinstance(output, Exception):
+            raise output
+        return output
+
+    def _run_pipeline(self, member: BatchMember) -> RequestOutput:
+        """Run a request that cannot be batched through its diffusers pipeline."""
+        request, check_stop = member.request, member.check_stop
         family, pipe = self.model.family, self._pipeline_for(request)
         inputs = self._inputs(request)
-        tracker = StepTracker(request, inputs, family, self.cache, check_stop, on_progress)
+        tracker = StepTracker(request, inputs, family, check_stop, member.on_progress)
+
+        def on_step_end(pipeline, step_index: int, timestep, callback_kwargs: dict) -> dict:
+            self.cache.set_step(step_index + 1)
+            check_stop()
+            tracker.advance(pipeline, step_index, callback_kwargs["latents"])
+            return callback_kwargs
+
         self.cache.begin_request(request.num_inference_steps, request.params.cache_config)
+        with self._running(check_stop) as timing:
+            output = pipe(
+                **family.call_kwargs(pipe, inputs),
+                callback_on_step_end=on_step_end,
+                callback_on_step_end_tensor_inputs=["latents"],
+            )
+            images = family.output_images(pipe, output, inputs, tracker.final_latents)
+        return self._output(member, images, tracker.steps_done, timing, self.cache.stats(), batch_size=1)
+
+    def run_batch(self, members: list[BatchMember]) -> list[RequestOutput | Exception]:
+        """Run requests of one `batch_key` together; each gets its own images, statistics and stop check. A request
+        that has to stop gets its error while the others go on; the batch ends early only when all have stopped.
+        An error of the batch itself (the pipeline raised) raises. A request that `batch_key` leaves alone runs
+        through its diffusers pipeline."""
+        if len(members) == 1 and self.batch_key(members[0].request) is None:
+            return [self._run_pipeline(members[0])]
+        family, pipe = self.model.family, self.model.pipeline
+        first = members[0].request
+        batch = [self._inputs(member.request) for member in members]
+        trackers = [
+            StepTracker(member.request, inputs, family, member.check_stop, member.on_progress)
+            for member, inputs in zip(members, batch, strict=True)
+        ]
+        ends = itertools.accumulate(inputs.num_outputs for inputs in batch)
+        rows = [slice(end - inputs.num_outputs, end) for end, inputs in zip(ends, batch, strict=True)]
+
+        def check_stop() -> None:
+            running = [tracker.still_running() for tracker in trackers]
+            if not any(running):
+                raise next(tracker.error for tracker in trackers if tracker.error is not None)
+
+        def on_step_end(step_index: int, latents: torch.Tensor) -> None:
+            self.cache.set_step(step_index + 1)
+            check_stop()
+            for tracker, own_rows in zip(trackers, rows, strict=True):
+                if tracker.error is None:
+                    tracker.advance(pipe, step_index, latents[own_rows])
+
+        batch_rows = family.batch_rows(batch)
+        self.cache.begin_request(first.num_inference_steps, first.params.cache_config)
+        self.cache.set_row_groups([row_group_label(index, branch) for index, branch in batch_rows])
+        try:
+            with self._running(check_stop) as timing:
+                images = family.run_batch(pipe, batch, on_step_end)
+        except Exception:
+            if all(tracker.error is not None for tracker in trackers):  # each stopped: each gets its own reason
+                return [tracker.error for tracker in trackers if tracker.error is not None]
+            raise
+        stats = self.cache.stats()
+        results: list[RequestOutput | Exception] = []
+        for index, (member, tracker) in enumerate(zip(members, trackers, strict=True)):
+            # A batched call evaluates each of the request's CFG branches: count it as the calls they make alone.
+            branches = len({branch for row_index, branch in batch_rows if row_index == index})
+            own_timing = dataclasses.replace(timing, transformer_calls=timing.transformer_calls * branches)
+            own_stats = stats_of_request(stats, index)
+            output = self._output(member, images[index], tracker.steps_done, own_timing, own_stats, len(members))
+            results.append(tracker.error or output)
+        return results
+
+    @contextlib.contextmanager
+    def _running(self, check_stop: StopCheck) -> Iterator[RunTiming]:
+        """Around one pipeline run: inference mode, the stop check inside steps, the transformer's counters."""
+        timing = RunTiming()
         self._transformer_calls = 0
         self._transformer_seconds = 0.0
-        started = time.perf_counter()
         self._check_stop = check_stop
+        started = time.perf_counter()
         try:
             with torch.inference_mode():
-                output = pipe(
-                    **family.call_kwargs(pipe, inputs),
-                    callback_on_step_end=tracker.on_step_end,
-                    callback_on_step_end_tensor_inputs=["latents"],
-                )
-                images = family.output_images(pipe, output, inputs, tracker.final_latents)
+                yield timing
         finally:
             self._check_stop = _never_stop
-        return self._output(request, images, tracker.steps_done, time.perf_counter() - started, queue_seconds)
+            timing.seconds = time.perf_counter() - started
+            timing.transformer_calls = self._transformer_calls
+            timing.transformer_seconds = self._transformer_seconds if self.profile else None
 
+    @staticmethod
     def _output(
-        self, request: GenerationRequest, images: list[Image.Image], steps: int, seconds: float, queue_seconds: float
+        member: BatchMember,
+        images: list[Image.Image],
+        steps: int,
+        timing: RunTiming,
+        cache_stats: dict[str, Any] | None,
+        batch_size: int,
     ) -> RequestOutput:
+        request = member.request
         return RequestOutput(
             request_id=request.request_id,
             prompt=request.prompt,
@@ -183,12 +314,13 @@ class ModelWorker:
             width=request.width,
             height=request.height,
             metrics=RequestMetrics(
-                queue_seconds=queue_seconds,
-                seconds=seconds,
+                queue_seconds=member.queue_seconds,
+                seconds=timing.seconds,
                 num_inference_steps=request.num_inference_steps,
                 steps=steps,
-                transformer_calls=self._transformer_calls,
-                transformer_seconds=self._transformer_seconds if self.profile else None,
-                cache=self.cache.stats(),
+                transformer_calls=timing.transformer_calls,
+                transformer_seconds=timing.transformer_seconds,
+                cache=cache_stats,
+                batch_size=batch_size,
             ),
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -50,6 +51,15 @@ class PipelineInputs:
     extra: dict[str, Any] = field(default_factory=dict)
     """The model-only knobs of the request, validated by the family's `knobs` model, defaults filled in."""
 
+    @property
+    def true_cfg(self) -> bool:
+        """Whether the generation runs true CFG: a negative prompt and a scale above 1."""
+        return self.true_cfg_scale > 1 and self.negative_prompt is not None
+
+
+BatchStepCallback = Callable[[int, torch.Tensor], None]
+"""Called after each step of a batched run with the step index and the latents of every output row."""
+
 
 class ModelKnobs(BaseModel):
     """Base of a family's model-only request parameters (e.g. how many layers to decompose an image into).
@@ -77,6 +87,8 @@ class ModelFamily:
     defaults: ClassVar[GenerationDefaults] = GenerationDefaults()
     knobs: ClassVar[type[ModelKnobs] | None] = None
     """The model-only request parameters this family takes, if any."""
+    runs_batches: ClassVar[bool] = False
+    """Whether `run_batch` runs text-to-image generations of several requests in one denoising loop."""
 
     @property
     def can_edit(self) -> bool:
@@ -203,6 +215,17 @@ class ModelFamily:
         return list(output.images)
 
     def call_kwargs(self, pipe, inputs: PipelineInputs) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def batch_rows(self, batch: list[PipelineInputs]) -> list[tuple[int, str]]:
+        """(index in `batch`, CFG branch) of each row of `run_batch`'s transformer calls."""
+        raise NotImplementedError
+
+    def run_batch(self, pipe, batch: list[PipelineInputs], on_step_end: BatchStepCallback) -> list[list[Image.Image]]:
+        """The images of each generation of `batch` (same size, steps and guidance; see `runs_batches`), made in one
+        denoising loop whose transformer calls take every output and CFG branch as rows (`batch_rows`), under the
+        cache context `ROWS_CONTEXT`. Each image equals, within float tolerance, the one its generation gets alone.
+        `on_step_end` sees the latents of the outputs in `batch` order after every step."""
         raise NotImplementedError
 
     def mask_pipeline(self, pipe):

@@ -5,14 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
 from PIL import Image
 from pydantic import Field
 
-from ..cache import CacheTarget, register_cache_target
+from ..cache import ROWS_CONTEXT, CacheTarget, register_cache_target
 from .base import GenerationDefaults, ModelFamily, ModelKnobs, PipelineInputs, Task
 from .qwen_processor import load_processor_without_torchvision
 from .registry import register_family
+
+MAX_SEQUENCE_LENGTH = 512
+"""Prompt tokens the pipelines keep (their default `max_sequence_length`)."""
 
 # The Qwen-Image model cards sample with a blank negative prompt and true CFG 4.0.
 QWEN_DEFAULTS = GenerationDefaults(num_inference_steps=50, true_cfg_scale=4.0, negative_prompt=" ")
@@ -36,13 +40,13 @@ class QwenImage(ModelFamily):
     architecture = "QwenImagePipeline"
     pipeline_class = "QwenImagePipeline"
     defaults = QWEN_DEFAULTS
+    runs_batches = True
 
     def common_kwargs(self, pipe, inputs: PipelineInputs) -> dict[str, Any]:
-        do_cfg = inputs.true_cfg_scale > 1 and inputs.negative_prompt is not None
         kwargs = {
             "prompt": inputs.prompt,
             # The pipelines run true CFG exactly when they get a negative prompt and a scale above 1.
-            "negative_prompt": inputs.negative_prompt if do_cfg else None,
+            "negative_prompt": inputs.negative_prompt if inputs.true_cfg else None,
             "true_cfg_scale": inputs.true_cfg_scale,
             "num_inference_steps": inputs.num_inference_steps,
             "num_images_per_prompt": inputs.num_outputs,
@@ -59,9 +63,107 @@ class QwenImage(ModelFamily):
     def decode_preview(self, pipe, latents, inputs):
         return decode_packed_latents(pipe, latents, inputs.width, inputs.height)
 
+    # -- batched runs ----------------------------------------------------------------------------------
+    def encode_text(self, pipe, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A prompt's embedding as the pipeline computes it: (embeddings [1, tokens, dim], mask or None)."""
+        return pipe.encode_prompt(
+            text, device=pipe._execution_device, num_images_per_prompt=1, max_sequence_length=MAX_SEQUENCE_LENGTH
+        )
+
+    def batch_rows(self, batch: list[PipelineInputs]) -> list[tuple[int, str]]:
+        rows = [(index, "cond") for index, inputs in enumerate(batch) for _ in range(inputs.num_outputs)]
+        if batch[0].true_cfg:
+            rows += [(index, "uncond") for index, inputs in enumerate(batch) for _ in range(inputs.num_outputs)]
+        return rows
+
+    def run_batch(self, pipe, batch, on_step_end):
+        """QwenImagePipeline's sampling with both CFG branches of every output in one transformer call."""
+        from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, retrieve_timesteps
+
+        first = batch[0]
+        device, transformer, scheduler = pipe._execution_device, pipe.transformer, pipe.scheduler
+        rows = self.batch_rows(batch)
+        embeddings: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        texts = []
+        for index, branch in rows:
+            text = batch[index].prompt if branch == "cond" else batch[index].negative_prompt
+            assert text is not None, "an uncond row exists only with a negative prompt"
+            if text not in embeddings:
+                embeddings[text] = self.encode_text(pipe, text)
+            texts.append(text)
+        prompt_embeds, prompt_mask = stack_text_rows([embeddings[text] for text in texts])
+        outputs = sum(inputs.num_outputs for inputs in batch)
+        latents = pipe.prepare_latents(
+            outputs,
+            transformer.config.in_channels // 4,
+            first.height,
+            first.width,
+            prompt_embeds.dtype,
+            device,
+            [generator for inputs in batch for generator in inputs.generators],
+        )
+        scale = pipe.vae_scale_factor * 2
+        img_shapes = [[(1, first.height // scale, first.width // scale)]] * len(rows)
+        sigmas = np.linspace(1.0, 1 / first.num_inference_steps, first.num_inference_steps)
+        config = scheduler.config
+        mu = calculate_shift(
+            latents.shape[1],
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
+        timesteps, _ = retrieve_timesteps(scheduler, first.num_inference_steps, device, sigmas=sigmas, mu=mu)
+        guidance = None
+        if transformer.config.guidance_embeds:
+            guidance = torch.full([len(rows)], first.guidance_scale, device=device, dtype=torch.float32)
+        scheduler.set_begin_index(0)
+        for step_index, t in enumerate(timesteps):
+            model_input = torch.cat([latents, latents]) if first.true_cfg else latents
+            with transformer.cache_context(ROWS_CONTEXT):
+                prediction = transformer(
+                    hidden_states=model_input,
+                    timestep=t.expand(len(rows)).to(latents.dtype) / 1000,
+                    guidance=guidance,
+                    encoder_hidden_states_mask=prompt_mask,
+                    encoder_hidden_states=prompt_embeds,
+                    img_shapes=img_shapes,
+                    attention_kwargs={},
+                    return_dict=False,
+                )[0]
+            if first.true_cfg:
+                cond, uncond = prediction.chunk(2)
+                combined = uncond + first.true_cfg_scale * (cond - uncond)
+                # The pipeline's rescaling: the guided prediction keeps the conditional one's norm per token.
+                norms = torch.norm(cond, dim=-1, keepdim=True) / torch.norm(combined, dim=-1, keepdim=True)
+                prediction = combined * norms
+            latents = scheduler.step(prediction, t, latents, return_dict=False)[0]
+            on_step_end(step_index, latents)
+        images = decode_packed_latents(pipe, latents, first.width, first.height)
+        ends = np.cumsum([inputs.num_outputs for inputs in batch])
+        return [images[end - inputs.num_outputs : end] for end, inputs in zip(ends, batch, strict=True)]
+
+
+def stack_text_rows(rows: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Prompt embeddings of several texts as one batch: padded to the longest, with a mask where any is padded or
+    masked (the transformer's attention then ignores the padding); no mask where none needs one."""
+    length = max(embeds.shape[1] for embeds, _ in rows)
+    if all(embeds.shape[1] == length and mask is None for embeds, mask in rows):
+        return torch.cat([embeds for embeds, _ in rows]), None
+    padded, masks = [], []
+    for embeds, mask in rows:
+        missing = length - embeds.shape[1]
+        if mask is None:
+            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        padded.append(torch.nn.functional.pad(embeds, (0, 0, 0, missing)))
+        masks.append(torch.nn.functional.pad(mask, (0, missing)))
+    return torch.cat(padded), torch.cat(masks)
+
 
 class QwenImageEdit(QwenImage):
     """One input image; masked edits run QwenImageEditInpaintPipeline on the same components."""
+
+    runs_batches = False
 
     architecture = "QwenImageEditPipeline"
     pipeline_class = "QwenImageEditPipeline"

@@ -380,6 +380,7 @@ def _metrics(output: RequestOutput) -> dict[str, Any]:
         "num_inference_steps": metrics.num_inference_steps,
         "steps": metrics.steps,
         "transformer_calls": metrics.transformer_calls,
+        "batch_size": metrics.batch_size,
     }
 
 
