@@ -204,8 +204,8 @@ def test_begin_shutdown_refuses_new_and_waiting_requests_and_the_running_one_fin
         assert engine.seconds_since_progress is None  # idle
         params = OmniDiffusionSamplingParams(num_inference_steps=2, true_cfg_scale=1.0)
         running = engine.submit(engine.prepare("a", params), on_progress=lambda event: gate.wait(60))
-        waiting = [engine.submit(engine.prepare(prompt, params)) for prompt in ("b", "c")]
         wait_until(lambda: engine.num_running == 1 and engine.seconds_since_progress is not None)
+        waiting = [engine.submit(engine.prepare(prompt, params)) for prompt in ("b", "c")]
         engine.begin_shutdown()
         for handle in waiting:
             with pytest.raises(EngineStoppedError):
