@@ -10,7 +10,7 @@ from PIL import Image
 from pydantic import Field
 
 from ..cache import CacheTarget, register_cache_target
-from .base import GenerationDefaults, ModelFamily, ModelKnobs, PipelineInputs, Task
+from .base import GenerationDefaults, ModelFamily, ModelKnobs, PipelineInputs, Task, TextEmbedding
 from .qwen_processor import load_processor_without_torchvision
 from .registry import register_family
 
@@ -32,18 +32,31 @@ def _denormalize(vae, latents: torch.Tensor) -> torch.Tensor:
     return latents * std + mean
 
 
+def _embedding_kwargs(name: str, embedding: TextEmbedding) -> dict[str, torch.Tensor]:
+    """`encode_prompt`'s (embeddings, mask) as the pipelines take them back: `name` and `name`_mask.
+
+    `encode_prompt` drops a mask that marks every token valid; the pipelines warn about embeddings without a mask
+    on every call, so the mask goes back in, all ones (they drop it again).
+    """
+    embeds, mask = embedding
+    assert embeds is not None
+    if mask is None:
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+    return {name: embeds, f"{name}_mask": mask}
+
+
 class QwenImage(ModelFamily):
     architecture = "QwenImagePipeline"
     pipeline_class = "QwenImagePipeline"
     defaults = QWEN_DEFAULTS
+    max_sequence_length: ClassVar[int] = 512
+    """Prompt tokens the text encoder's output is cut to (the pipelines' own default)."""
 
     def common_kwargs(self, pipe, inputs: PipelineInputs) -> dict[str, Any]:
-        do_cfg = inputs.true_cfg_scale > 1 and inputs.negative_prompt is not None
         kwargs = {
-            "prompt": inputs.prompt,
-            # The pipelines run true CFG exactly when they get a negative prompt and a scale above 1.
-            "negative_prompt": inputs.negative_prompt if do_cfg else None,
+            **self.prompt_kwargs(inputs),
             "true_cfg_scale": inputs.true_cfg_scale,
+            "max_sequence_length": self.max_sequence_length,
             "num_inference_steps": inputs.num_inference_steps,
             "num_images_per_prompt": inputs.num_outputs,
             "generator": inputs.generators,
@@ -53,8 +66,37 @@ class QwenImage(ModelFamily):
             kwargs["guidance_scale"] = inputs.guidance_scale
         return kwargs
 
+    @staticmethod
+    def prompt_kwargs(inputs: PipelineInputs) -> dict[str, Any]:
+        """The prompts as texts, or as the embeddings the engine encoded: the pipelines take one or the other, and
+        repeat either for each image. The negative prompt only with true CFG."""
+        kwargs: dict[str, Any] = {}
+        if inputs.prompt_embedding is None:
+            kwargs["prompt"] = inputs.prompt
+        else:
+            kwargs.update(prompt=None, **_embedding_kwargs("prompt_embeds", inputs.prompt_embedding))
+        if not inputs.true_cfg:
+            kwargs["negative_prompt"] = None
+        elif inputs.negative_embedding is None:
+            kwargs["negative_prompt"] = inputs.negative_prompt
+        else:
+            kwargs.update(_embedding_kwargs("negative_prompt_embeds", inputs.negative_embedding))
+        return kwargs
+
     def call_kwargs(self, pipe, inputs: PipelineInputs) -> dict[str, Any]:
         return {**self.common_kwargs(pipe, inputs), "width": inputs.width, "height": inputs.height}
+
+    def encode_text(self, pipe, text: str) -> TextEmbedding | None:
+        """(prompt_embeds [1, tokens, dim], its mask [1, tokens], or None when every token is valid)."""
+        return pipe.encode_prompt(
+            text,
+            device=pipe._execution_device,
+            num_images_per_prompt=1,
+            max_sequence_length=self.max_sequence_length,
+        )
+
+    def text_encoder_key(self, pipe) -> tuple:
+        return (self.max_sequence_length, pipe.prompt_template_encode, pipe.prompt_template_encode_start_idx)
 
     def decode_preview(self, pipe, latents, inputs):
         return decode_packed_latents(pipe, latents, inputs.width, inputs.height)
@@ -82,6 +124,9 @@ class QwenImageEdit(QwenImage):
 
     def edit_image(self, inputs: PipelineInputs):
         return inputs.images[0]
+
+    def encode_text(self, pipe, text: str) -> TextEmbedding | None:
+        return None  # the edit pipelines encode the prompt together with the input image(s)
 
     def call_kwargs(self, pipe, inputs):
         kwargs = {**super().call_kwargs(pipe, inputs), "image": self.edit_image(inputs)}
