@@ -2,10 +2,12 @@
 
 from types import SimpleNamespace
 
-from teaserve.engine import RequestMetrics, RequestOutput
+from teaserve.engine import PromptEmbeddingCache, RequestMetrics, RequestOutput
 from teaserve.server.metrics import MAX_BRANCH_LABELS, ServerMetrics
 
-IDLE_ENGINE = SimpleNamespace(queue_depth=0, num_running=0, seconds_since_progress=None)
+IDLE_ENGINE = SimpleNamespace(
+    queue_depth=0, num_running=0, seconds_since_progress=None, prompt_cache=PromptEmbeddingCache(0)
+)
 
 
 def output(cache=None, transformer_calls=0) -> RequestOutput:

@@ -17,6 +17,7 @@ from .errors import (
 from .images import ImageSource
 from .omni import Omni
 from .params import MAX_OUTPUTS, MAX_STEPS, OmniDiffusionSamplingParams, SamplingFields
+from .prompt_cache import PromptEmbeddingCache
 from .request import GenerationRequest, ProgressEvent, PromptInput, RequestMetrics, RequestOutput
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "Omni",
     "OmniDiffusionSamplingParams",
     "ProgressEvent",
+    "PromptEmbeddingCache",
     "PromptInput",
     "QueueFullError",
     "RequestCancelledError",

@@ -38,6 +38,7 @@ from .errors import (
 from .images import ImageSource, open_inputs
 from .limits import check_seed, check_size_limits, check_work_limits
 from .params import OmniDiffusionSamplingParams, parameter_error
+from .prompt_cache import PromptEmbeddingCache
 from .request import GenerationRequest, ProgressEvent, PromptInput, RequestOutput
 from .worker import BatchMember, ModelWorker
 
@@ -96,8 +97,13 @@ class AsyncEngine:
             self.model = load_model(args.model, device=args.device, dtype=args.dtype)
         self.cache_profile.check_transformer(self.model.pipeline.transformer)
         backend_name = resolve_backend_name(args.cache_backend, self.model.default_cache_backend)
+        self.prompt_cache = PromptEmbeddingCache(args.prompt_cache_size)
+        """Encoded prompts kept for reuse; its `hits` and `misses` count the worker's look-ups."""
         self._worker = ModelWorker(
-            self.model, self.create_cache_backend(backend_name, args.cache_config), profile=args.profile
+            self.model,
+            self.create_cache_backend(backend_name, args.cache_config),
+            self.prompt_cache,
+            profile=args.profile,
         )
         self.max_queue_size = args.max_queue_size
         self._queue: queue.Queue[RequestHandle | None] = queue.Queue(maxsize=args.max_queue_size)

@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from ..cache import CacheBackend, row_group_label, stats_of_request
-from ..pipelines import LoadedModel, ModelFamily, PipelineInputs
+from ..pipelines import LoadedModel, ModelFamily, PipelineInputs, TextEmbedding
+from .prompt_cache import PromptEmbeddingCache
 from .request import GenerationRequest, ProgressEvent, RequestMetrics, RequestOutput
 
 ProgressCallback = Callable[[ProgressEvent], None]
@@ -103,9 +104,12 @@ class RunTiming:
 class ModelWorker:
     """Runs requests on one loaded model. Not thread-safe: the engine calls it from its single worker thread."""
 
-    def __init__(self, model: LoadedModel, cache: CacheBackend, *, profile: bool = False):
+    def __init__(
+        self, model: LoadedModel, cache: CacheBackend, prompt_cache: PromptEmbeddingCache, *, profile: bool = False
+    ):
         self.model = model
         self.cache = cache
+        self.prompt_cache = prompt_cache
         self.profile = profile
         self._transformer_calls = 0
         self._transformer_seconds = 0.0
@@ -191,6 +195,23 @@ class ModelWorker:
             json.dumps(request.model_knobs, sort_keys=True),
         )
 
+    def _encode_prompts(self, inputs: PipelineInputs) -> None:
+        """Give `inputs` its prompts' embeddings from the prompt cache when the family can encode a text alone
+        (masked edits keep their texts: their pipeline encodes them with the image). Inside inference mode, as the
+        pipeline's own encoding would be: the cached tensors are inference tensors, usable by every later call."""
+        if inputs.mask is not None:
+            return
+        inputs.prompt_embedding = self._encoded(inputs.prompt)
+        if inputs.prompt_embedding is not None and inputs.true_cfg:
+            assert inputs.negative_prompt is not None
+            inputs.negative_embedding = self._encoded(inputs.negative_prompt)
+
+    def _encoded(self, text: str) -> TextEmbedding | None:
+        """`text` encoded by the family (None if it cannot encode a text alone), cached."""
+        family, pipe = self.model.family, self.model.pipeline
+        key = (self.model.name, family.text_encoder_key(pipe), text)
+        return self.prompt_cache.get(key, lambda: family.encode_text(pipe, text))
+
     def run(
         self,
         request: GenerationRequest,
@@ -220,6 +241,7 @@ class ModelWorker:
 
         self.cache.begin_request(request.num_inference_steps, request.params.cache_config)
         with self._running(check_stop) as timing:
+            self._encode_prompts(inputs)
             output = pipe(
                 **family.call_kwargs(pipe, inputs),
                 callback_on_step_end=on_step_end,
@@ -262,6 +284,8 @@ class ModelWorker:
         self.cache.set_row_groups([row_group_label(index, branch) for index, branch in batch_rows])
         try:
             with self._running(check_stop) as timing:
+                for inputs in batch:
+                    self._encode_prompts(inputs)
                 images = family.run_batch(pipe, batch, on_step_end)
         except Exception:
             if all(tracker.error is not None for tracker in trackers):  # each stopped: each gets its own reason

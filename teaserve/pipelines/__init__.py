@@ -1,7 +1,7 @@
 """Model families (keyed by diffusers architecture name), loading, tiny offline builders, the default model."""
 
 from . import bagel, flux, qwen_image  # noqa: F401  (importing a family module registers it)
-from .base import GenerationDefaults, ModelFamily, ModelKnobs, PipelineInputs
+from .base import GenerationDefaults, ModelFamily, ModelKnobs, PipelineInputs, TextEmbedding
 from .loading import DTYPE_CHOICES, LoadedModel, load_model, resolve_device, resolve_dtype
 from .registry import (
     architectures_with_knob,
@@ -18,6 +18,7 @@ __all__ = [
     "ModelFamily",
     "ModelKnobs",
     "PipelineInputs",
+    "TextEmbedding",
     "architectures_with_knob",
     "editing_architectures",
     "get_family",

@@ -14,6 +14,8 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
 Task = Literal["text-to-image", "image-edit", "image-layers"]
+TextEmbedding = tuple[torch.Tensor | None, ...]
+"""One text encoded by a family's `encode_text` (e.g. Qwen-Image: the embeddings and their mask or None)."""
 
 
 @dataclass(frozen=True)
@@ -50,10 +52,16 @@ class PipelineInputs:
     generators: list[torch.Generator]
     extra: dict[str, Any] = field(default_factory=dict)
     """The model-only knobs of the request, validated by the family's `knobs` model, defaults filled in."""
+    prompt_embedding: TextEmbedding | None = None
+    """`prompt` as the family's `encode_text` encoded it, if the engine did: the pipeline then gets it instead of the
+    text. Shared with later requests: never written to."""
+    negative_embedding: TextEmbedding | None = None
+    """`negative_prompt` encoded likewise (only when the request runs true CFG)."""
 
     @property
     def true_cfg(self) -> bool:
-        """Whether the generation runs true CFG: a negative prompt and a scale above 1."""
+        """Whether the pipeline runs true CFG: diffusers' pipelines do exactly when they get a negative prompt and a
+        scale above 1."""
         return self.true_cfg_scale > 1 and self.negative_prompt is not None
 
 
@@ -227,6 +235,16 @@ class ModelFamily:
         cache context `ROWS_CONTEXT`. Each image equals, within float tolerance, the one its generation gets alone.
         `on_step_end` sees the latents of the outputs in `batch` order after every step."""
         raise NotImplementedError
+
+    def encode_text(self, pipe, text: str) -> TextEmbedding | None:
+        """`text` encoded by the pipeline's text encoder(s) for one image, as `call_kwargs` passes it back to the
+        pipeline through `PipelineInputs.prompt_embedding`; the engine caches it. None: this family cannot encode
+        a text alone (edit models that encode the prompt together with the input image, BAGEL)."""
+        return None
+
+    def text_encoder_key(self, pipe) -> tuple:
+        """The settings that change what `encode_text` returns for a text (e.g. the maximum sequence length)."""
+        return ()
 
     def mask_pipeline(self, pipe):
         """The pipeline that runs masked edits (inpainting) on `pipe`'s components (`mask_pipeline_class`)."""

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
 
 from ..cache import CacheTarget, register_cache_target
-from .base import GenerationDefaults, ModelFamily, PipelineInputs
+from .base import GenerationDefaults, ModelFamily, PipelineInputs, TextEmbedding
 from .registry import register_family
+
+
+def _embedding_kwargs(prefix: str, embedding: TextEmbedding, rows: int) -> dict[str, torch.Tensor]:
+    """`encode_text`'s embeddings as `prefix`prompt_embeds and `prefix`pooled_prompt_embeds, `rows` rows each
+    (views: the cached tensors are shared, never copied or written)."""
+    embeds, pooled = embedding
+    assert embeds is not None and pooled is not None
+    return {
+        f"{prefix}prompt_embeds": embeds.expand(rows, -1, -1),
+        f"{prefix}pooled_prompt_embeds": pooled.expand(rows, -1),
+    }
 
 
 class Flux(ModelFamily):
@@ -19,21 +30,52 @@ class Flux(ModelFamily):
     architecture = "FluxPipeline"
     pipeline_class = "FluxPipeline"
     defaults = GenerationDefaults(num_inference_steps=28, guidance_scale=3.5, true_cfg_scale=1.0)
+    max_sequence_length: ClassVar[int] = 512
+    """T5 tokens every prompt is padded or cut to (the pipelines' own default)."""
 
     def call_kwargs(self, pipe, inputs: PipelineInputs) -> dict[str, Any]:
-        do_cfg = inputs.true_cfg_scale > 1 and inputs.negative_prompt is not None
         return {
-            "prompt": inputs.prompt,
-            "negative_prompt": inputs.negative_prompt if do_cfg else None,
+            **self.prompt_kwargs(inputs),
             "true_cfg_scale": inputs.true_cfg_scale,
             "guidance_scale": inputs.guidance_scale,
             "width": inputs.width,
             "height": inputs.height,
             "num_inference_steps": inputs.num_inference_steps,
-            "num_images_per_prompt": inputs.num_outputs,
+            "max_sequence_length": self.max_sequence_length,
             "generator": inputs.generators,
             "output_type": "pil",
         }
+
+    @staticmethod
+    def prompt_kwargs(inputs: PipelineInputs) -> dict[str, Any]:
+        """The prompts as texts, or as the embeddings the engine encoded. The pipelines repeat a text's embeddings
+        for each image but take given embeddings as they are: those come expanded to one row per image, as a batch
+        of prompts with one image each. The negative prompt only with true CFG."""
+        if inputs.prompt_embedding is None:
+            return {
+                "prompt": inputs.prompt,
+                "negative_prompt": inputs.negative_prompt if inputs.true_cfg else None,
+                "num_images_per_prompt": inputs.num_outputs,
+            }
+        kwargs: dict[str, Any] = {"prompt": None, "num_images_per_prompt": 1}
+        kwargs.update(_embedding_kwargs("", inputs.prompt_embedding, inputs.num_outputs))
+        if inputs.true_cfg:
+            assert inputs.negative_embedding is not None, "the negative prompt is encoded with the prompt"
+            kwargs.update(_embedding_kwargs("negative_", inputs.negative_embedding, inputs.num_outputs))
+        return kwargs
+
+    def encode_text(self, pipe, text: str) -> TextEmbedding | None:
+        """(prompt_embeds [1, max_sequence_length, dim] from T5, pooled_prompt_embeds [1, dim] from CLIP)."""
+        prompt_embeds, pooled_prompt_embeds, _ = pipe.encode_prompt(
+            text,
+            device=pipe._execution_device,
+            num_images_per_prompt=1,
+            max_sequence_length=self.max_sequence_length,
+        )
+        return prompt_embeds, pooled_prompt_embeds
+
+    def text_encoder_key(self, pipe) -> tuple:
+        return (self.max_sequence_length,)
 
     def decode_preview(self, pipe, latents, inputs):
         latents = pipe._unpack_latents(latents, inputs.height, inputs.width, pipe.vae_scale_factor)

@@ -11,12 +11,9 @@ from PIL import Image
 from pydantic import Field
 
 from ..cache import ROWS_CONTEXT, CacheTarget, register_cache_target
-from .base import GenerationDefaults, ModelFamily, ModelKnobs, PipelineInputs, Task
+from .base import GenerationDefaults, ModelFamily, ModelKnobs, PipelineInputs, Task, TextEmbedding
 from .qwen_processor import load_processor_without_torchvision
 from .registry import register_family
-
-MAX_SEQUENCE_LENGTH = 512
-"""Prompt tokens the pipelines keep (their default `max_sequence_length`)."""
 
 # The Qwen-Image model cards sample with a blank negative prompt and true CFG 4.0.
 QWEN_DEFAULTS = GenerationDefaults(num_inference_steps=50, true_cfg_scale=4.0, negative_prompt=" ")
@@ -36,18 +33,32 @@ def _denormalize(vae, latents: torch.Tensor) -> torch.Tensor:
     return latents * std + mean
 
 
+def _embedding_kwargs(name: str, embedding: TextEmbedding) -> dict[str, torch.Tensor]:
+    """`encode_prompt`'s (embeddings, mask) as the pipelines take them back: `name` and `name`_mask.
+
+    `encode_prompt` drops a mask that marks every token valid; the pipelines warn about embeddings without a mask
+    on every call, so the mask goes back in, all ones (they drop it again).
+    """
+    embeds, mask = embedding
+    assert embeds is not None
+    if mask is None:
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+    return {name: embeds, f"{name}_mask": mask}
+
+
 class QwenImage(ModelFamily):
     architecture = "QwenImagePipeline"
     pipeline_class = "QwenImagePipeline"
     defaults = QWEN_DEFAULTS
     runs_batches = True
+    max_sequence_length: ClassVar[int] = 512
+    """Prompt tokens the text encoder's output is cut to (the pipelines' own default)."""
 
     def common_kwargs(self, pipe, inputs: PipelineInputs) -> dict[str, Any]:
         kwargs = {
-            "prompt": inputs.prompt,
-            # The pipelines run true CFG exactly when they get a negative prompt and a scale above 1.
-            "negative_prompt": inputs.negative_prompt if inputs.true_cfg else None,
+            **self.prompt_kwargs(inputs),
             "true_cfg_scale": inputs.true_cfg_scale,
+            "max_sequence_length": self.max_sequence_length,
             "num_inference_steps": inputs.num_inference_steps,
             "num_images_per_prompt": inputs.num_outputs,
             "generator": inputs.generators,
@@ -57,24 +68,57 @@ class QwenImage(ModelFamily):
             kwargs["guidance_scale"] = inputs.guidance_scale
         return kwargs
 
+    @staticmethod
+    def prompt_kwargs(inputs: PipelineInputs) -> dict[str, Any]:
+        """The prompts as texts, or as the embeddings the engine encoded: the pipelines take one or the other, and
+        repeat either for each image. The negative prompt only with true CFG."""
+        kwargs: dict[str, Any] = {}
+        if inputs.prompt_embedding is None:
+            kwargs["prompt"] = inputs.prompt
+        else:
+            kwargs.update(prompt=None, **_embedding_kwargs("prompt_embeds", inputs.prompt_embedding))
+        if not inputs.true_cfg:
+            kwargs["negative_prompt"] = None
+        elif inputs.negative_embedding is None:
+            kwargs["negative_prompt"] = inputs.negative_prompt
+        else:
+            kwargs.update(_embedding_kwargs("negative_prompt_embeds", inputs.negative_embedding))
+        return kwargs
+
     def call_kwargs(self, pipe, inputs: PipelineInputs) -> dict[str, Any]:
         return {**self.common_kwargs(pipe, inputs), "width": inputs.width, "height": inputs.height}
+
+    def encode_text(self, pipe, text: str) -> TextEmbedding | None:
+        """(prompt_embeds [1, tokens, dim], its mask [1, tokens], or None when every token is valid)."""
+        return pipe.encode_prompt(
+            text,
+            device=pipe._execution_device,
+            num_images_per_prompt=1,
+            max_sequence_length=self.max_sequence_length,
+        )
+
+    def text_encoder_key(self, pipe) -> tuple:
+        return (self.max_sequence_length, pipe.prompt_template_encode, pipe.prompt_template_encode_start_idx)
 
     def decode_preview(self, pipe, latents, inputs):
         return decode_packed_latents(pipe, latents, inputs.width, inputs.height)
 
     # -- batched runs ----------------------------------------------------------------------------------
-    def encode_text(self, pipe, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """A prompt's embedding as the pipeline computes it: (embeddings [1, tokens, dim], mask or None)."""
-        return pipe.encode_prompt(
-            text, device=pipe._execution_device, num_images_per_prompt=1, max_sequence_length=MAX_SEQUENCE_LENGTH
-        )
-
     def batch_rows(self, batch: list[PipelineInputs]) -> list[tuple[int, str]]:
         rows = [(index, "cond") for index, inputs in enumerate(batch) for _ in range(inputs.num_outputs)]
         if batch[0].true_cfg:
             rows += [(index, "uncond") for index, inputs in enumerate(batch) for _ in range(inputs.num_outputs)]
         return rows
+
+    def _embedding(self, pipe, inputs: PipelineInputs, branch: str) -> TextEmbedding:
+        """The prompt (cond) or negative prompt (uncond) of `inputs` encoded: as the engine encoded it, else now."""
+        embedding = inputs.prompt_embedding if branch == "cond" else inputs.negative_embedding
+        if embedding is None:
+            text = inputs.prompt if branch == "cond" else inputs.negative_prompt
+            assert text is not None, "an uncond row exists only with a negative prompt"
+            embedding = self.encode_text(pipe, text)
+        assert embedding is not None, "Qwen-Image encodes a text alone"
+        return embedding
 
     def run_batch(self, pipe, batch, on_step_end):
         """QwenImagePipeline's sampling with both CFG branches of every output in one transformer call."""
@@ -83,15 +127,8 @@ class QwenImage(ModelFamily):
         first = batch[0]
         device, transformer, scheduler = pipe._execution_device, pipe.transformer, pipe.scheduler
         rows = self.batch_rows(batch)
-        embeddings: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        texts = []
-        for index, branch in rows:
-            text = batch[index].prompt if branch == "cond" else batch[index].negative_prompt
-            assert text is not None, "an uncond row exists only with a negative prompt"
-            if text not in embeddings:
-                embeddings[text] = self.encode_text(pipe, text)
-            texts.append(text)
-        prompt_embeds, prompt_mask = stack_text_rows([embeddings[text] for text in texts])
+        text_rows = [self._embedding(pipe, batch[index], branch) for index, branch in rows]
+        prompt_embeds, prompt_mask = stack_text_rows(text_rows)
         outputs = sum(inputs.num_outputs for inputs in batch)
         latents = pipe.prepare_latents(
             outputs,
@@ -144,14 +181,19 @@ class QwenImage(ModelFamily):
         return [images[end - inputs.num_outputs : end] for end, inputs in zip(ends, batch, strict=True)]
 
 
-def stack_text_rows(rows: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Prompt embeddings of several texts as one batch: padded to the longest, with a mask where any is padded or
-    masked (the transformer's attention then ignores the padding); no mask where none needs one."""
-    length = max(embeds.shape[1] for embeds, _ in rows)
-    if all(embeds.shape[1] == length and mask is None for embeds, mask in rows):
-        return torch.cat([embeds for embeds, _ in rows]), None
-    padded, masks = [], []
+def stack_text_rows(rows: list[TextEmbedding]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Prompt embeddings (embeddings, mask or None) of several texts as one batch: padded to the longest, with a mask
+    where any is padded or masked (the transformer's attention then ignores the padding); no mask where none needs
+    one."""
+    pairs: list[tuple[torch.Tensor, torch.Tensor | None]] = []
     for embeds, mask in rows:
+        assert embeds is not None
+        pairs.append((embeds, mask))
+    length = max(embeds.shape[1] for embeds, _ in pairs)
+    if all(embeds.shape[1] == length and mask is None for embeds, mask in pairs):
+        return torch.cat([embeds for embeds, _ in pairs]), None
+    padded, masks = [], []
+    for embeds, mask in pairs:
         missing = length - embeds.shape[1]
         if mask is None:
             mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
@@ -184,6 +226,9 @@ class QwenImageEdit(QwenImage):
 
     def edit_image(self, inputs: PipelineInputs):
         return inputs.images[0]
+
+    def encode_text(self, pipe, text: str) -> TextEmbedding | None:
+        return None  # the edit pipelines encode the prompt together with the input image(s)
 
     def call_kwargs(self, pipe, inputs):
         kwargs = {**super().call_kwargs(pipe, inputs), "image": self.edit_image(inputs)}

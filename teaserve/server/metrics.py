@@ -3,19 +3,41 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 from prometheus_fastapi_instrumentator.routing import get_route_name
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..cache import NoCache
-from ..engine import AsyncEngine, RequestOutput
+from ..engine import AsyncEngine, PromptEmbeddingCache, RequestOutput
 
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
 MAX_BRANCH_LABELS = 8
 ALL_BRANCHES, OTHER_BRANCHES = "all", "other"
+
+
+class PromptCacheCollector(Collector):
+    """The prompt cache's hit and miss counts, read from the engine at each scrape."""
+
+    def __init__(self, cache: PromptEmbeddingCache):
+        self.cache = cache
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(
+            "teaserve_prompt_cache_hits",
+            "Prompts and negative prompts whose encoding came from the prompt cache",
+            value=self.cache.hits,
+        )
+        yield CounterMetricFamily(
+            "teaserve_prompt_cache_misses",
+            "Prompts and negative prompts the text encoder encoded",
+            value=self.cache.misses,
+        )
 
 
 class ServerMetrics:
@@ -54,6 +76,7 @@ class ServerMetrics:
             registry=self.registry,
         )
         since_progress.set_function(lambda: engine.seconds_since_progress or 0.0)
+        self.registry.register(PromptCacheCollector(engine.prompt_cache))
 
     def observe(self, endpoint: str, status: int | str, seconds: float) -> None:
         self.requests.labels(endpoint, str(status)).inc()
