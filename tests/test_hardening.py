@@ -36,7 +36,8 @@ def marked_tokens(engine) -> int:
 
 @pytest.fixture(scope="module")
 def engine(tiny_qwen):
-    engine = AsyncEngine(str(tiny_qwen), cache_backend="tea_cache", max_queue_size=8)
+    # One request at a time: the queue tests count what waits behind the running request.
+    engine = AsyncEngine(str(tiny_qwen), cache_backend="tea_cache", max_queue_size=8, max_batch_size=1)
     yield engine
     engine.shutdown()
 

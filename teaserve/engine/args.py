@@ -127,6 +127,10 @@ class EngineArgs:
         default=256,
         metadata=_flag("encoded prompts kept for reuse, least recently used dropped first (0: no cache)", type=int),
     )
+    batched_runs: bool = True
+    """Run text-to-image requests through the model family's batched loop where it has one (both CFG branches, and
+    compatible queued requests, in one transformer call); False: always the diffusers pipeline, one call per CFG
+    branch (what calibration records, as its recorders observe each branch's calls)."""
     profile: bool = False
     """Also time the transformer, synchronising the device around each call (for benchmarks)."""
 

@@ -103,6 +103,7 @@ class AsyncEngine:
             self.model,
             self.create_cache_backend(backend_name, args.cache_config),
             self.prompt_cache,
+            batched_runs=args.batched_runs,
             profile=args.profile,
         )
         self.max_queue_size = args.max_queue_size

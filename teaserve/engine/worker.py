@@ -105,11 +105,19 @@ class ModelWorker:
     """Runs requests on one loaded model. Not thread-safe: the engine calls it from its single worker thread."""
 
     def __init__(
-        self, model: LoadedModel, cache: CacheBackend, prompt_cache: PromptEmbeddingCache, *, profile: bool = False
+        self,
+        model: LoadedModel,
+        cache: CacheBackend,
+        prompt_cache: PromptEmbeddingCache,
+        *,
+        batched_runs: bool = True,
+        profile: bool = False,
     ):
         self.model = model
         self.cache = cache
         self.prompt_cache = prompt_cache
+        self.batched_runs = batched_runs
+        """Whether requests may run through the family's batched loop (see EngineArgs.batched_runs)."""
         self.profile = profile
         self._transformer_calls = 0
         self._transformer_seconds = 0.0
@@ -182,7 +190,8 @@ class ModelWorker:
     def batch_key(self, request: GenerationRequest) -> Hashable | None:
         """Requests with equal keys can run together in one batched denoising loop (`run_batch`); None: this one
         runs alone (an edit, a family without batched runs, or a cache backend without per-row state)."""
-        if not (self.model.family.runs_batches and self.cache.supports_row_groups) or request.images or request.mask:
+        batchable = self.batched_runs and self.model.family.runs_batches and self.cache.supports_row_groups
+        if not batchable or request.images or request.mask:
             return None
         return (
             request.width,

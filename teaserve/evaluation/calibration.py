@@ -313,7 +313,8 @@ def calibrate(
 ) -> Calibration:
     """Calibrate `backends` (None: every backend with a tuning key that works on this model, the others skipped
     with a note) on `prompts` x `seeds` at every step count; see the module's description."""
-    engine = AsyncEngine(model, cache_backend="none")
+    # The recorders observe each CFG branch's own transformer calls: the diffusers pipeline's, not batched ones.
+    engine = AsyncEngine(model, cache_backend="none", batched_runs=False)
     try:
         names = sweep_backends(engine, backends, apply=False, log=log)
         calibrators = attach_calibrators(engine, names, explicit=backends is not None, log=log)
