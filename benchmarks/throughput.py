@@ -6,10 +6,10 @@ For each mode one server starts as its own process on a free port (batching off:
 sets OMP_NUM_THREADS for it. Once /ready answers, it is warmed up with one request per distinct prompt of the
 workload (so that no level pays for first-time prompt encoding), sent at the highest concurrency. Then, for every
 concurrency c (1, 4, 8), c clients (the official OpenAI SDK, asyncio) send requests back to back until the level's
-requests (default 48) are done. Every level sends the same requests: request i asks for held-out caption i of the
-embedded model (or the prompts of `--prompts-file`, or generic ones for another model) with seed i, so both modes
-and all levels generate the same (prompt, seed) set. A level's requests per second = its requests / its wall time;
-p50 and p99 are of the per-request latencies seen by the clients.
+requests (default 48) are done. Every level sends the same requests: request i asks for prompt i mod 16
+(`--prompts`) of the embedded model's held-out captions (or of `--prompts-file`, or of generic prompts for another
+model) with seed i, so both modes and all levels generate the same (prompt, seed) set. A level's requests per second
+= its requests / its wall time; p50 and p99 are of the per-request latencies seen by the clients.
 
 Identity: every image is decoded (PNG -> uint8 RGB) and compared to the image of the same request made with
 batching off at concurrency 1, the solo reference (batching off at a higher concurrency still runs requests one by
@@ -163,7 +163,8 @@ class Workload:
 
     @property
     def distinct_prompts(self) -> list[str]:
-        return self.prompts[: min(self.requests, len(self.prompts))]
+        """The prompts the requests ask for."""
+        return self.prompts[: self.requests]
 
     def description(self) -> dict[str, Any]:
         return {
@@ -368,7 +369,7 @@ def build_workload(args: argparse.Namespace, card: dict[str, Any]) -> Workload:
         raise ValueError("no prompts: the prompts file is empty")
     return Workload(
         model=card["id"],
-        prompts=prompts,
+        prompts=prompts[: args.prompts],
         size=args.size or card["default_size"],
         steps=args.steps,
         requests=args.requests,
@@ -404,6 +405,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=concurrency_list, default=[1, 4, 8], help="comma-separated clients")
     parser.add_argument("--steps", type=positive_int, help="num_inference_steps (default: the model's)")
     parser.add_argument("--size", help="WxH (default: the model's default size)")
+    parser.add_argument("--prompts", type=positive_int, default=16, help="distinct prompts, taken in turn")
     parser.add_argument("--prompts-file", help="one prompt per line (default: held-out captions of the embedded model)")
     parser.add_argument("--max-batch-size", type=positive_int, default=8, help="the server's, batching on")
     parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="the server's, batching on")

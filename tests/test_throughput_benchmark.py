@@ -48,6 +48,7 @@ def test_smoke_measures_both_modes_at_every_level(documents):
     assert document["smoke"] is True and "error" not in document
     assert document["workload"]["model"] == "teaserve/shapes-qwen-image"
     assert document["workload"]["size"] == "64x64" and document["workload"]["steps"] == 2
+    assert document["workload"]["distinct_prompts"] == SMOKE_REQUESTS  # 16 prompts, 4 requests ask for 4 of them
     assert set(document["modes"]) == {"off", "on"}
     assert document["modes"]["off"]["server_flags"] == ["--max-batch-size", "1"]
     assert document["modes"]["on"]["server_flags"] == ["--max-batch-size", "8", "--batch-wait-ms", "5.0"]
