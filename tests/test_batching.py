@@ -6,7 +6,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from conftest import pixels
+from conftest import pixels, wait_until
 
 from teaserve import OmniDiffusionSamplingParams
 from teaserve.cache import LearnedCacheBackend, NoCache, TeaCacheBackend, row_group_label, stats_of_request
@@ -225,11 +225,18 @@ def test_max_batch_size_one_runs_every_request_alone(engines):
     assert [output.metrics.batch_size for output in outputs] == [1, 1, 1]
 
 
-def test_a_request_waits_up_to_batch_wait_ms_for_a_partner(tiny_qwen):
-    engine = AsyncEngine(str(tiny_qwen), cache_backend="tea_cache", batch_wait_ms=5000)
+def test_under_load_a_request_waits_up_to_batch_wait_ms_for_partners(tiny_qwen):
+    """After a batch of two, the next request waits (here up to 10 s) for one partner; a request that follows a
+    lone one starts at once."""
+    engine = AsyncEngine(str(tiny_qwen), cache_backend="tea_cache", batch_wait_ms=10_000)
     try:
-        first = engine.submit(engine.prepare("a cat", params(1)))
-        second = engine.submit(engine.prepare("a bird", params(2)))
+        lone = engine.submit(engine.prepare("a cat", params(1)))
+        assert lone.result(30).metrics.batch_size == 1  # a lone client never waits for a partner
+        pair = run_while_busy(engine, [engine.prepare("a cat", params(seed)) for seed in (2, 3)])
+        assert [handle.result(60).metrics.batch_size for handle in pair] == [2, 2]
+        first = engine.submit(engine.prepare("a cat", params(4)))
+        wait_until(lambda: engine.num_running == 0 and engine.queue_depth == 0)  # taken, waiting for a partner
+        second = engine.submit(engine.prepare("a bird", params(5)))
         assert [first.result(60).metrics.batch_size, second.result(60).metrics.batch_size] == [2, 2]
     finally:
         engine.shutdown()

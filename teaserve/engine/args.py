@@ -115,10 +115,10 @@ class EngineArgs:
         ),
     )
     batch_wait_ms: float = field(
-        default=0.0,
+        default=20.0,
         metadata=_flag(
-            "milliseconds a request may wait for compatible partners before its batch starts (0: take only "
-            "those already queued)",
+            "milliseconds a request may wait for compatible partners before its batch starts, under load only: "
+            "for as many as the previous batch had (0: take only those already queued)",
             type=float,
             metavar="MS",
         ),

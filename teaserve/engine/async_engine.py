@@ -115,6 +115,8 @@ class AsyncEngine:
         """The requests the worker is running (one batch)."""
         self._progress_at: float | None = None
         self._seconds_per_request = 1.0
+        self._last_batch_size = 1
+        """Requests in the last batch: how many partners the next one waits for (see `_take_partners`)."""
         self._accepting = True
         self._stopped = False
         self._thread = threading.Thread(target=self._serve, name="teaserve-worker", daemon=True)
@@ -421,11 +423,16 @@ class AsyncEngine:
 
     def _take_partners(self, first: RequestHandle) -> list[RequestHandle]:
         """Queued requests that can run in one batch with `first` (same `batch_key`), up to max_batch_size in all,
-        taken out of the queue in order; waits up to batch_wait_ms for more while the batch is not full."""
+        taken out of the queue in order.
+
+        Under load it waits up to batch_wait_ms for as many partners as the previous batch had: the clients it just
+        answered are sending their next requests. A request that ran alone last time (no concurrent load) waits for
+        none, so a lone client never pays the wait."""
         limit = self.args.max_batch_size - 1
         key = self._worker.batch_key(first.request) if limit > 0 else None
         if key is None:
             return []
+        expected = min(limit, self._last_batch_size - 1)
         deadline = time.monotonic() + self.args.batch_wait_ms / 1000
         partners: list[RequestHandle] = []
         queued = self._queue
@@ -438,7 +445,7 @@ class AsyncEngine:
                         queued.queue.remove(handle)
                         partners.append(handle)
                 left = deadline - time.monotonic()
-                if len(partners) == limit or left <= 0 or None in queued.queue:
+                if len(partners) >= expected or left <= 0 or None in queued.queue:
                     break
                 queued.not_empty.wait(left)
             if partners:
@@ -452,6 +459,7 @@ class AsyncEngine:
         running = [handle for handle in batch if handle.future.set_running_or_notify_cancel()]  # else cancelled
         if not running:
             return []
+        self._last_batch_size = len(running)
         self._running = running
         self._progress_at = time.monotonic()
         started = time.perf_counter()
