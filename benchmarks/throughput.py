@@ -1,7 +1,7 @@
 """Requests per second and latency of a real `teaserve serve`, request batching off and on, side by side.
 
 For each mode one server starts as its own process on a free port (batching off: `--max-batch-size 1`; on:
-`--max-batch-size 8 --batch-wait-ms 5`, both flags of this script), with the model's own cache backend unless
+`--max-batch-size 8 --batch-wait-ms 20`, both flags of this script), with the model's own cache backend unless
 `--cache-backend` / `--cache-config` say otherwise, and the server's default torch threads unless `--torch-threads`
 sets OMP_NUM_THREADS for it. Once /ready answers, it is warmed up with one request per distinct prompt of the
 workload (so that no level pays for first-time prompt encoding), sent at the highest concurrency. Then, for every
@@ -408,7 +408,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompts", type=positive_int, default=16, help="distinct prompts, taken in turn")
     parser.add_argument("--prompts-file", help="one prompt per line (default: held-out captions of the embedded model)")
     parser.add_argument("--max-batch-size", type=positive_int, default=8, help="the server's, batching on")
-    parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="the server's, batching on")
+    parser.add_argument("--batch-wait-ms", type=float, default=20.0, help="the server's, batching on")
     parser.add_argument("--cache-backend", help="the server's (default: the model's own choice)")
     parser.add_argument("--cache-config", metavar="JSON", help="the server's")
     parser.add_argument("--device", help="the server's (default: its own choice)")
