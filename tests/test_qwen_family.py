@@ -104,8 +104,12 @@ def test_layered_gives_each_output_its_recomposed_image_then_the_layers_diffuser
         num_inference_steps=2,
         generator=[torch.Generator().manual_seed(0)],
     ).images[0]
-    # exactly: the tiny VAE turns some kwargs' effects (cfg_normalize) into differences of a fraction of a level
-    assert [pixels(image).tolist() for image in alone[0].images[1:]] == [pixels(image).tolist() for image in expected]
+    # Up to float rounding, which moves a handful of values by one level (a loaded pipeline's latents differ from
+    # this in-memory one's by about 1e-6, and teaserve's VAE runs single frames as 2D convolutions); a kwarg that
+    # teaserve failed to pass moves hundreds (cfg_normalize: some 700 of the 16384 values of each layer).
+    for image, reference in zip(alone[0].images[1:], expected, strict=True):
+        difference = np.abs(pixels(image) - pixels(reference))
+        assert difference.max() <= 1 and np.count_nonzero(difference) <= 8
 
 
 def test_masked_edit_runs_the_inpainting_pipeline(edit_omni):

@@ -128,8 +128,12 @@ class ModelFamily:
         import diffusers
 
         cls = getattr(diffusers, self.pipeline_class)
-        pipe = cls.from_pretrained(str(source), dtype=dtype)
+        pipe = cls.from_pretrained(str(source), dtype=dtype, **self.pretrained_kwargs(Path(source)))
         return pipe.to(device)
+
+    def pretrained_kwargs(self, folder: Path) -> dict[str, Any]:
+        """Extra `from_pretrained` arguments for the model in `folder` (components the family loads itself)."""
+        return {}
 
     # -- sizes ---------------------------------------------------------------------------------
     def size_multiple(self, pipe) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -12,6 +11,7 @@ from pydantic import Field
 
 from ..cache import ROWS_CONTEXT, CacheTarget, register_cache_target
 from .base import GenerationDefaults, ModelFamily, ModelKnobs, PipelineInputs, Task, TextEmbedding
+from .qwen_image_vae import use_single_frame_convs
 from .qwen_processor import load_processor_without_torchvision
 from .registry import register_family
 
@@ -53,6 +53,11 @@ class QwenImage(ModelFamily):
     runs_batches = True
     max_sequence_length: ClassVar[int] = 512
     """Prompt tokens the text encoder's output is cut to (the pipelines' own default)."""
+
+    def load(self, source, device, dtype):
+        pipe = super().load(source, device, dtype)
+        use_single_frame_convs(pipe.vae)
+        return pipe
 
     def common_kwargs(self, pipe, inputs: PipelineInputs) -> dict[str, Any]:
         kwargs = {
@@ -214,15 +219,9 @@ class QwenImageEdit(QwenImage):
     max_input_images = 1
     mask_pipeline_class: ClassVar[str | None] = "QwenImageEditInpaintPipeline"
 
-    def load(self, source, device, dtype):
-        import diffusers
-
-        cls = getattr(diffusers, self.pipeline_class)
-        extra = {}
-        processor = load_processor_without_torchvision(Path(source))
-        if processor is not None:
-            extra["processor"] = processor
-        return cls.from_pretrained(str(source), dtype=dtype, **extra).to(device)
+    def pretrained_kwargs(self, folder):
+        processor = load_processor_without_torchvision(folder)
+        return {} if processor is None else {"processor": processor}
 
     def edit_image(self, inputs: PipelineInputs):
         return inputs.images[0]
