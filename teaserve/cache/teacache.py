@@ -31,7 +31,15 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
 from .base import ROWS_CONTEXT, CacheBackend, contiguous_groups, is_number, parse_config, read_json_file, short_repr
-from .targets import BlockIO, CacheTarget, CallOrderBranches, Gate, bound_arguments, cache_target_for, relative_l1
+from .targets import (
+    BlockIO,
+    CacheTarget,
+    CallOrderBranches,
+    Gate,
+    bound_arguments,
+    cache_target_for,
+    relative_l1_of_rows,
+)
 
 NAME = "tea_cache"
 HEAD_HOOK = "teaserve_teacache_head"
@@ -424,7 +432,13 @@ class TeaCacheHeadHook(TeaCacheBlockHook):
         if previous is None or previous.shape != gate.shape or state.residuals is None:
             previous = None
         groups = clock.groups(self.state_manager.context.name)
-        skipped = [rows for name, rows in groups if not self._decide(state, name, gate, previous, rows, step_index)]
+        rows_of_groups = [rows for _, rows in groups]
+        changes = [None] * len(groups) if previous is None else relative_l1_of_rows(gate, previous, rows_of_groups)
+        skipped = [
+            rows
+            for (name, rows), rel_l1 in zip(groups, changes, strict=True)
+            if not self._decide(state, name, rel_l1, step_index)
+        ]
         state.previous_gate = gate
 
         hidden, encoder = self.io.inputs(arguments)
@@ -440,16 +454,8 @@ class TeaCacheHeadHook(TeaCacheBlockHook):
         output = self.fn_ref.original_forward(*args, **kwargs)
         return self._store_residuals(state, output) if self.is_tail else output
 
-    def _decide(
-        self,
-        state: BranchState,
-        name: str,
-        gate: torch.Tensor,
-        previous: torch.Tensor | None,
-        rows: slice,
-        step_index: int,
-    ) -> bool:
-        """Whether row group `name` computes this step: the TeaCache rule on the group's own rows of the gate."""
+    def _decide(self, state: BranchState, name: str, rel_l1: float | None, step_index: int) -> bool:
+        """Whether row group `name` computes this step: the TeaCache rule on the change of its own rows' gate."""
         clock = self.clock
         policy = state.policies.get(name)
         if policy is None:  # the group's first call since the last reset: a new request
@@ -457,7 +463,6 @@ class TeaCacheHeadHook(TeaCacheBlockHook):
                 clock.rescaling, clock.rel_l1_thresh, clock.max_consecutive_skips
             )
             clock.branches[name] = BranchStats()
-        rel_l1 = None if previous is None else relative_l1(gate[rows], previous[rows])
         return policy.should_compute(rel_l1, step_index, clock.num_steps, clock.branches[name])
 
     def reset_state(self, module):
