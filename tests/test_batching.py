@@ -240,3 +240,40 @@ def test_under_load_a_request_waits_up_to_batch_wait_ms_for_partners(tiny_qwen):
         assert [first.result(60).metrics.batch_size, second.result(60).metrics.batch_size] == [2, 2]
     finally:
         engine.shutdown()
+
+
+# -- TeaCache's shortcut: a step every row skips runs no block and no text stream ----------------------------------
+def run_pipeline_with_teacache(pipe, target, threshold):
+    from teaserve.cache import TeaCacheConfig, apply_teacache, remove_teacache
+
+    teacache = apply_teacache(pipe.transformer, TeaCacheConfig(rel_l1_thresh=threshold), target=target)
+    teacache.num_inference_steps = STEPS
+    calls = {
+        name: count_calls(module)
+        for name, module in [("txt_in", pipe.transformer.txt_in), ("block", pipe.transformer.transformer_blocks[1])]
+    }
+    try:
+        images = alone(pipe, inputs())
+    finally:
+        for _, handle in calls.values():
+            handle.remove()
+        remove_teacache(pipe.transformer)
+    return images, teacache.stats(), {name: len(counted) for name, (counted, _) in calls.items()}
+
+
+def test_teacache_skips_through_the_targets_shortcut_with_the_same_images(pipe):
+    import dataclasses
+
+    from teaserve.cache import cache_target_for
+
+    target = cache_target_for(pipe.transformer)
+    assert target.shortcut is not None
+    images, stats, calls = run_pipeline_with_teacache(pipe, target, 0.3)
+    plain_images, plain_stats, plain_calls = run_pipeline_with_teacache(
+        pipe, dataclasses.replace(target, shortcut=None), 0.3
+    )
+    computed = stats["computed_steps"]
+    assert 0 < computed < 2 * STEPS and plain_stats["branches"] == stats["branches"]
+    assert calls == {"txt_in": computed, "block": computed}  # a skipped call runs neither
+    assert plain_calls == {"txt_in": 2 * STEPS, "block": 2 * STEPS}  # the block hooks pass through instead
+    assert all(np.array_equal(pixels(a), pixels(b)) for a, b in zip(images, plain_images, strict=True))

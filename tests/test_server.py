@@ -233,7 +233,8 @@ def test_metrics_move(server):
     before_bad = metric(server, "teaserve_requests_total", endpoint="generations", status="400")
     steps = {"backend": "tea_cache", "branch": "cond", "kind": "computed"}  # as printed: sorted
     before_steps = metric(server, "teaserve_denoising_steps_total", **steps)
-    server.client().images.generate(prompt="x", extra_body={"num_inference_steps": 3})
+    answer = server.client().images.generate(prompt="x", extra_body={"num_inference_steps": 3})
+    assert answer.model_extra["metrics"]["batch_size"] == 1
     httpx.post(f"{server.url}/v1/images/generations", json={"prompt": "x", "n": 0})
     assert metric(server, "teaserve_requests_total", endpoint="generations", status="200") == before_ok + 1
     assert metric(server, "teaserve_requests_total", endpoint="generations", status="400") == before_bad + 1

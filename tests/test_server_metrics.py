@@ -59,3 +59,14 @@ def test_branch_labels_are_bounded():
     assert branches == {*names[:MAX_BRANCH_LABELS], "other"}
     assert steps(metrics, "computed", "tea_cache", "other") == 3 + 1  # all three beyond the cap, then the last again
     assert steps(metrics, "computed", "tea_cache", names[0]) == 2
+
+
+def test_each_answered_request_records_the_size_of_its_batch():
+    metrics = ServerMetrics(IDLE_ENGINE)
+    for batch_size in (1, 3, 3, 3):
+        answered = output()
+        answered.metrics.batch_size = batch_size
+        metrics.record_output(answered)
+    sample = metrics.registry.get_sample_value
+    assert sample("teaserve_request_batch_size_count") == 4 and sample("teaserve_request_batch_size_sum") == 10
+    assert sample("teaserve_request_batch_size_bucket", {"le": "2.0"}) == 1

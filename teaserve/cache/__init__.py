@@ -24,7 +24,7 @@ from .calibration import GateRecorder, record_gate_changes
 from .first_block_cache import FirstBlockCacheBackend
 from .learned import ForecastCalibrator, LearnedCacheBackend, LearnedCacheConfig
 from .mag_cache import MagCacheBackend, MagRatioCalibrator
-from .targets import CacheTarget, cache_target_for, register_cache_target, registered_transformers
+from .targets import CacheTarget, StackShortcut, cache_target_for, register_cache_target, registered_transformers
 from .taylorseer import TaylorSeerBackend
 from .teacache import Rescaling, TeaCache, TeaCacheBackend, TeaCacheConfig, apply_teacache, remove_teacache
 
@@ -75,6 +75,7 @@ __all__ = [
     "MagRatioCalibrator",
     "NoCache",
     "Rescaling",
+    "StackShortcut",
     "TaylorSeerBackend",
     "TeaCache",
     "TeaCacheBackend",

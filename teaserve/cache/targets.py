@@ -33,6 +33,22 @@ MAX_RELATIVE_CHANGE = 1e6
 
 
 @dataclass(frozen=True)
+class StackShortcut:
+    """The transformer's forward around its block stack, as two halves a cache method can run alone.
+
+    enter(transformer, arguments) -> (hidden, temb): what the first block gets as `hidden_states` and `temb` for
+        the call's arguments (by name), computed exactly as the forward computes them; None where the call needs
+        the whole forward (e.g. a conditioning the shortcut does not cover).
+    leave(transformer, hidden, temb, arguments) -> output: what the forward returns when the last block gives
+        `hidden`, exactly as the forward computes it.
+    The text stream, position embeddings and the blocks themselves are what a skipped step no longer runs.
+    """
+
+    enter: Callable[[Any, dict[str, Any]], tuple[torch.Tensor, torch.Tensor] | None]
+    leave: Callable[[Any, torch.Tensor, torch.Tensor, dict[str, Any]], Any]
+
+
+@dataclass(frozen=True)
 class CacheTarget:
     """A transformer as cache methods see it.
 
@@ -46,6 +62,8 @@ class CacheTarget:
         call order within a step: the i-th call of a step is `branch_names[i]` (later calls `branch<i>`).
     step_argument: the transformer's argument that changes from step to step and is shared by the calls of one
         step (the timestep); it tells where a step begins for such pipelines.
+    shortcut: optional: how to run the transformer without its block stack, for methods that skip the whole stack
+        (a skipped step then runs only what its output needs; see `StackShortcut`).
     """
 
     blocks: Callable[[Any], Iterable[torch.nn.Module]]
@@ -53,6 +71,7 @@ class CacheTarget:
     defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     branch_names: tuple[str, ...] = ("cond", "uncond")
     step_argument: str = "timestep"
+    shortcut: StackShortcut | None = None
 
     def block_stack(self, transformer: torch.nn.Module) -> list[torch.nn.Module]:
         blocks = list(self.blocks(transformer))

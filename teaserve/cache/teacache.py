@@ -45,6 +45,7 @@ NAME = "tea_cache"
 HEAD_HOOK = "teaserve_teacache_head"
 BLOCK_HOOK = "teaserve_teacache_block"
 BRANCH_HOOK = "teaserve_teacache_branches"
+SHORTCUT_HOOK = "teaserve_teacache_shortcut"
 
 # -- bounds: every number a setting can carry is finite and bounded, so every statistic is too ----------------
 MAX_REL_L1_THRESH = 1e9
@@ -359,6 +360,8 @@ class BranchState(BaseState):
         self.skipping = False
         """Every row skips this call."""
         self.reused_rows: list[slice] = []
+        self.decided: list[slice] | None = None
+        """The shortcut hook's decision for the call under way (the rows that skip), for the head hook to apply."""
         """Rows that skip while others compute: at the tail their output becomes inputs plus cached residual."""
         self.head_inputs: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.residuals: tuple[torch.Tensor, torch.Tensor | None] | None = None
@@ -409,8 +412,32 @@ class TeaCacheBlockHook(ModelHook):
         return output
 
 
+def decide(clock: RequestClock, state: BranchState, context: str, gate: torch.Tensor) -> tuple[list[slice], bool]:
+    """The TeaCache rule for one call: (the rows of the groups that skip, whether every group skips)."""
+    step_index = state.calls if clock.step_index is None else clock.step_index
+    state.calls += 1
+    previous = state.previous_gate
+    if previous is None or previous.shape != gate.shape or state.residuals is None:
+        previous = None
+    groups = clock.groups(context)
+    changes = [None] * len(groups) if previous is None else relative_l1_of_rows(gate, previous, [r for _, r in groups])
+    skipped = []
+    for (name, rows), rel_l1 in zip(groups, changes, strict=True):
+        policy = state.policies.get(name)
+        if policy is None:  # the group's first call since the last reset: a new request
+            policy = state.policies[name] = TeaCachePolicy(
+                clock.rescaling, clock.rel_l1_thresh, clock.max_consecutive_skips
+            )
+            clock.branches[name] = BranchStats()
+        if not policy.should_compute(rel_l1, step_index, clock.num_steps, clock.branches[name]):
+            skipped.append(rows)
+    state.previous_gate = gate
+    return skipped, len(skipped) == len(groups)
+
+
 class TeaCacheHeadHook(TeaCacheBlockHook):
-    """First block: compute the gate signal, decide, and on a skip return inputs plus the cached residual."""
+    """First block: compute the gate signal, decide, and on a skip return inputs plus the cached residual (unless
+    the transformer's shortcut hook decided already)."""
 
     _is_stateful = True
 
@@ -424,25 +451,12 @@ class TeaCacheHeadHook(TeaCacheBlockHook):
             return self.fn_ref.original_forward(*args, **kwargs)
         arguments = bound_arguments(self._signature, args, kwargs)
         state: BranchState = self.state_manager.get_state()
-        step_index = state.calls if clock.step_index is None else clock.step_index
-        state.calls += 1
-
-        gate = self.gate(module, arguments).detach()
-        previous = state.previous_gate
-        if previous is None or previous.shape != gate.shape or state.residuals is None:
-            previous = None
-        groups = clock.groups(self.state_manager.context.name)
-        rows_of_groups = [rows for _, rows in groups]
-        changes = [None] * len(groups) if previous is None else relative_l1_of_rows(gate, previous, rows_of_groups)
-        skipped = [
-            rows
-            for (name, rows), rel_l1 in zip(groups, changes, strict=True)
-            if not self._decide(state, name, rel_l1, step_index)
-        ]
-        state.previous_gate = gate
-
+        if state.decided is not None:
+            skipped, state.skipping, state.decided = state.decided, False, None
+        else:
+            gate = self.gate(module, arguments).detach()
+            skipped, state.skipping = decide(clock, state, self.state_manager.context.name, gate)
         hidden, encoder = self.io.inputs(arguments)
-        state.skipping = len(skipped) == len(groups)
         if state.skipping:
             assert state.residuals is not None, "a step is skipped only after a computed one (rel_l1 needs it)"
             hidden_residual, encoder_residual = state.residuals
@@ -454,20 +468,45 @@ class TeaCacheHeadHook(TeaCacheBlockHook):
         output = self.fn_ref.original_forward(*args, **kwargs)
         return self._store_residuals(state, output) if self.is_tail else output
 
-    def _decide(self, state: BranchState, name: str, rel_l1: float | None, step_index: int) -> bool:
-        """Whether row group `name` computes this step: the TeaCache rule on the change of its own rows' gate."""
-        clock = self.clock
-        policy = state.policies.get(name)
-        if policy is None:  # the group's first call since the last reset: a new request
-            policy = state.policies[name] = TeaCachePolicy(
-                clock.rescaling, clock.rel_l1_thresh, clock.max_consecutive_skips
-            )
-            clock.branches[name] = BranchStats()
-        return policy.should_compute(rel_l1, step_index, clock.num_steps, clock.branches[name])
-
     def reset_state(self, module):
         self.state_manager.reset()
         return module
+
+
+class TeaCacheShortcutHook(ModelHook):
+    """On the transformer, where its target declares a `StackShortcut`: decide before the forward, and when every
+    row skips, run only the shortcut (embeddings, gate, output head) instead of the whole forward, whose text
+    stream, position embeddings and pass-through blocks a skipped step does not need. The output is the one the
+    block hooks give: the first block's input plus the cached residual, through the output head."""
+
+    _signature: inspect.Signature  # set when the hook is registered
+
+    def __init__(self, state_manager: StateManager, clock: RequestClock, target: CacheTarget, head: torch.nn.Module):
+        super().__init__()
+        self.state_manager, self.clock, self.target, self.head = state_manager, clock, target, head
+        assert target.shortcut is not None
+        self.shortcut = target.shortcut
+
+    def initialize_hook(self, module):
+        self._signature = inspect.signature(type(module).forward)
+        return module
+
+    def new_forward(self, module, *args, **kwargs):
+        if not self.clock.enabled:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        arguments = bound_arguments(self._signature, args, kwargs)
+        entered = self.shortcut.enter(module, arguments)
+        if entered is None:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        hidden, temb = entered
+        state: BranchState = self.state_manager.get_state()
+        gate = self.target.gate(self.head, {"hidden_states": hidden, "temb": temb}).detach()
+        skipped, every = decide(self.clock, state, self.state_manager.context.name, gate)
+        if every:
+            assert state.residuals is not None, "a step is skipped only after a computed one (rel_l1 needs it)"
+            return self.shortcut.leave(module, hidden + state.residuals[0], temb, arguments)
+        state.decided = skipped
+        return self.fn_ref.original_forward(*args, **kwargs)
 
 
 class TeaCache:
@@ -500,6 +539,8 @@ class TeaCache:
             else:
                 registry.register_hook(TeaCacheBlockHook(state_manager, self.clock, io, is_tail), BLOCK_HOOK)
         registry = HookRegistry.check_if_exists_or_initialize(transformer)
+        if target.shortcut is not None:  # inside the branch naming hook, which sets the context it reads
+            registry.register_hook(TeaCacheShortcutHook(state_manager, self.clock, target, blocks[0]), SHORTCUT_HOOK)
         registry.register_hook(CallOrderBranches(state_manager, target), BRANCH_HOOK)
         # New hooks below the transformer stale its cached list of child registries.
         registry.invalidate_child_registries_cache()
@@ -573,7 +614,7 @@ def apply_teacache(
 def remove_teacache(transformer: torch.nn.Module) -> None:
     """Take TeaCache's hooks off `transformer`: it computes every step again."""
     registry = HookRegistry.check_if_exists_or_initialize(transformer)
-    for name in (BRANCH_HOOK, HEAD_HOOK, BLOCK_HOOK):
+    for name in (BRANCH_HOOK, SHORTCUT_HOOK, HEAD_HOOK, BLOCK_HOOK):
         registry.remove_hook(name, recurse=True)
     registry.invalidate_child_registries_cache()
 

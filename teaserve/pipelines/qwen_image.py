@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from pydantic import Field
 
-from ..cache import ROWS_CONTEXT, CacheTarget, register_cache_target
+from ..cache import ROWS_CONTEXT, CacheTarget, StackShortcut, register_cache_target
 from .base import GenerationDefaults, ModelFamily, ModelKnobs, PipelineInputs, Task, TextEmbedding
 from .qwen_image_vae import use_single_frame_convs
 from .qwen_processor import load_processor_without_torchvision
@@ -130,7 +130,10 @@ class QwenImage(ModelFamily):
         from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, retrieve_timesteps
 
         first = batch[0]
-        device, transformer, scheduler = pipe._execution_device, pipe.transformer, pipe.scheduler
+        # The transformer's device: the pipeline's `_execution_device` walks every module of every component (10 ms
+        # on the embedded model) to allow for offloading hooks, which teaserve does not install.
+        transformer, scheduler = pipe.transformer, pipe.scheduler
+        device = transformer.device
         rows = self.batch_rows(batch)
         text_rows = [self._embedding(pipe, batch[index], branch) for index, branch in rows]
         prompt_embeds, prompt_mask = stack_text_rows(text_rows)
@@ -350,6 +353,27 @@ def qwen_image_gate(block: Any, arguments: dict[str, Any]) -> torch.Tensor:
     return modulated
 
 
+def qwen_image_enter(transformer, arguments: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """QwenImageTransformer2DModel.forward up to its first block: the image stream and the timestep embedding
+    (per-token modulation, zero_cond_t, and ControlNet residuals are left to the whole forward)."""
+    if transformer.zero_cond_t or arguments.get("controlnet_block_samples") is not None:
+        return None
+    hidden = transformer.img_in(arguments["hidden_states"])
+    timestep = arguments["timestep"].to(hidden.dtype)
+    extra, guidance = arguments.get("additional_t_cond"), arguments.get("guidance")
+    if guidance is None:
+        return hidden, transformer.time_text_embed(timestep, hidden, extra)
+    return hidden, transformer.time_text_embed(timestep, guidance.to(hidden.dtype) * 1000, hidden, extra)
+
+
+def qwen_image_leave(transformer, hidden: torch.Tensor, temb: torch.Tensor, arguments: dict[str, Any]):
+    """QwenImageTransformer2DModel.forward after its last block: the output head on the image stream."""
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    output = transformer.proj_out(transformer.norm_out(hidden, temb))
+    return Transformer2DModelOutput(sample=output) if arguments.get("return_dict", True) else (output,)
+
+
 # vLLM-Omni's hand-rounded TeaCache coefficients, shared by Edit, Edit-Plus and Layered.
 QWEN_IMAGE_COEFFICIENTS = (-450.0, 280.0, -45.0, 3.2, -0.02)
 
@@ -366,6 +390,7 @@ register_cache_target(
     CacheTarget(
         blocks=lambda transformer: transformer.transformer_blocks,
         gate=qwen_image_gate,
+        shortcut=StackShortcut(enter=qwen_image_enter, leave=qwen_image_leave),
         defaults={
             "tea_cache": {"coefficients": QWEN_IMAGE_COEFFICIENTS},
             "mag_cache": {"mag_ratios": QWEN_IMAGE_MAG_RATIOS},

@@ -17,6 +17,7 @@ from ..cache import NoCache
 from ..engine import AsyncEngine, PromptEmbeddingCache, RequestOutput
 
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 MAX_BRANCH_LABELS = 8
 ALL_BRANCHES, OTHER_BRANCHES = "all", "other"
 
@@ -65,6 +66,12 @@ class ServerMetrics:
             ["kind", "backend", "branch"],
             registry=self.registry,
         )
+        self.batch_size = Histogram(
+            "teaserve_request_batch_size",
+            "Requests in the batch each answered request ran in (1: alone)",
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=self.registry,
+        )
         self._branches: set[str] = set()
         queue_depth = Gauge("teaserve_queue_depth", "Requests waiting for the worker", registry=self.registry)
         queue_depth.set_function(lambda: engine.queue_depth)
@@ -84,6 +91,7 @@ class ServerMetrics:
 
     def record_output(self, output: RequestOutput) -> None:
         self.images.inc(len(output.images))
+        self.batch_size.observe(output.metrics.batch_size)
         cache = output.metrics.cache
         if not (cache and cache.get("enabled")):
             backend = cache["backend"] if cache else NoCache.name
