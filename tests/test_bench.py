@@ -84,9 +84,11 @@ def test_backends_side_by_side_at_several_step_counts_with_quality_targets(engin
     by_key = {(row.steps, row.variant, row.label): row for row in rows}
     for steps in (4, 6):
         assert by_key[steps, "tea_cache", "1e+09"].block_stack_evaluations == 4  # first and last, two branches
-        assert by_key[steps, "scaled", "0"].psnr_mean == PSNR_CAP_DB  # scale 0: the uncached image
+        # Scale 0: the uncached image, up to float rounding (this backend keeps no per-row state, so it runs the
+        # diffusers pipeline while the uncached twin runs the batched loop).
+        assert by_key[steps, "scaled", "0"].psnr_mean > 70
         at_40, at_20 = by_key[steps, "scaled", "40 dB"], by_key[steps, "scaled", "20 dB"]
-        assert at_40.psnr_mean == PSNR_CAP_DB and at_40.meets_target is True  # the table chose scale 0
+        assert at_40.psnr_mean > 70 and at_40.meets_target is True  # the table chose scale 0
         assert at_20.psnr_mean == by_key[steps, "scaled", "0.5"].psnr_mean < 40  # it chose 0.5, the same image
         assert at_20.meets_target is (at_20.psnr_mean >= 19) and by_key[steps, "scaled", "0.5"].meets_target is None
     fronts = {(front.variant, front.steps): front for front in frontiers(rows)}
