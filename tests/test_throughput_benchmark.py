@@ -51,7 +51,7 @@ def test_smoke_measures_both_modes_at_every_level(documents):
     assert document["workload"]["distinct_prompts"] == SMOKE_REQUESTS  # 16 prompts, 4 requests ask for 4 of them
     assert set(document["modes"]) == {"off", "on"}
     assert document["modes"]["off"]["server_flags"] == ["--max-batch-size", "1"]
-    assert document["modes"]["on"]["server_flags"] == ["--max-batch-size", "8", "--batch-wait-ms", "5.0"]
+    assert document["modes"]["on"]["server_flags"] == ["--max-batch-size", "8", "--batch-wait-ms", "20.0"]
     for mode in document["modes"].values():
         assert mode["exit_status"] == 0  # stopped by SIGTERM: drained and exited cleanly
         assert [level["concurrency"] for level in mode["levels"]] == SMOKE_CONCURRENCY
