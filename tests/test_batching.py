@@ -277,3 +277,28 @@ def test_teacache_skips_through_the_targets_shortcut_with_the_same_images(pipe):
     assert calls == {"txt_in": computed, "block": computed}  # a skipped call runs neither
     assert plain_calls == {"txt_in": 2 * STEPS, "block": 2 * STEPS}  # the block hooks pass through instead
     assert all(np.array_equal(pixels(a), pixels(b)) for a, b in zip(images, plain_images, strict=True))
+
+
+def test_each_request_of_a_batch_gets_its_own_progress_and_previews(engines):
+    engine, alone_engine = engines
+    events: dict[str, list] = {}
+
+    def record(event):
+        events.setdefault(event.request_id, []).append(event)
+
+    prompts = [("a cat", params(1, num_outputs_per_prompt=2)), ("a bird", params(2))]
+    requests = [engine.prepare(prompt, request_params, num_previews=2) for prompt, request_params in prompts]
+    outputs = [handle.result(60) for handle in run_while_busy(engine, requests, hold=record)]
+    assert [output.metrics.batch_size for output in outputs] == [2, 2]
+    for (prompt, request_params), request in zip(prompts, requests, strict=True):
+        alone_events: list = []
+        solo = alone_engine.prepare(prompt, request_params, num_previews=2)
+        alone_engine.submit(solo, on_progress=alone_events.append).result(60)
+        own = events[request.request_id]
+        assert [event.step for event in own] == [event.step for event in alone_events] == list(range(1, STEPS + 1))
+        previews = [event.previews for event in own if event.previews]
+        alone_previews = [event.previews for event in alone_events if event.previews]
+        assert len(previews) == len(alone_previews) == 2
+        for batched_images, solo_images in zip(previews, alone_previews, strict=True):
+            assert len(batched_images) == request_params.num_outputs_per_prompt
+            assert_same_images(solo_images, batched_images)
