@@ -8,7 +8,6 @@ of the block stack's output. Run the pipeline uncached meanwhile (with a cache b
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -16,7 +15,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
-from .targets import BlockIO, CacheTarget, CallOrderBranches, bound_arguments, cache_target_for, relative_l1
+from .targets import ArgumentsHook, BlockIO, CacheTarget, CallOrderBranches, cache_target_for, relative_l1
 
 HEAD_HOOK = "teaserve_calibration_head"
 TAIL_HOOK = "teaserve_calibration_tail"
@@ -82,23 +81,18 @@ class _TailHook(ModelHook):
         return output
 
 
-class _HeadHook(ModelHook):
+class _HeadHook(ArgumentsHook):
     """First block: the gate change since the branch's previous step."""
 
     _is_stateful = True
-    _signature: inspect.Signature  # set when the hook is registered
 
     def __init__(self, state_manager: StateManager, target: CacheTarget):
         super().__init__()
         self.state_manager, self.target = state_manager, target
 
-    def initialize_hook(self, module):
-        self._signature = inspect.signature(type(module).forward)
-        return module
-
     def new_forward(self, module, *args, **kwargs):
         state: RecorderState = self.state_manager.get_state()
-        gate = self.target.gate(module, bound_arguments(self._signature, args, kwargs)).detach()
+        gate = self.target.gate(module, self.arguments(args, kwargs)).detach()
         previous, state.previous_gate = state.previous_gate, gate
         state.gate_change = None if previous is None or previous.shape != gate.shape else relative_l1(gate, previous)
         return self.fn_ref.original_forward(*args, **kwargs)

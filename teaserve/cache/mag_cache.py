@@ -15,7 +15,6 @@ re-applied whenever a request's step count differs from the last one's. The rati
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +25,7 @@ from diffusers.hooks import HookRegistry, MagCacheConfig, ModelHook, apply_mag_c
 from diffusers.hooks.hooks import BaseState, StateManager
 
 from .base import Calibrator, is_number, parse_config, short_repr
-from .targets import BlockIO, CacheTarget, CallOrderBranches, DiffusersCacheBackend, bound_arguments, cache_target_for
+from .targets import ArgumentsHook, BlockIO, CacheTarget, CallOrderBranches, DiffusersCacheBackend, cache_target_for
 
 NAME = "mag_cache"
 MAX_THRESHOLD = 1e9
@@ -163,23 +162,18 @@ class _BranchResiduals(BaseState):
         self.previous_residual: torch.Tensor | None = None
 
 
-class _StackInput(ModelHook):
+class _StackInput(ArgumentsHook):
     """First block: keeps the hidden states entering the stack."""
 
     _is_stateful = True
-    _signature: inspect.Signature  # set when the hook is registered
 
     def __init__(self, state_manager: StateManager, io: BlockIO):
         super().__init__()
         self.state_manager, self.io = state_manager, io
 
-    def initialize_hook(self, module):
-        self._signature = inspect.signature(type(module).forward)
-        return module
-
     def pre_forward(self, module, *args, **kwargs):
         state: _BranchResiduals = self.state_manager.get_state()
-        state.stack_input = self.io.inputs(bound_arguments(self._signature, args, kwargs))[0].detach()
+        state.stack_input = self.io.inputs(self.arguments(args, kwargs))[0].detach()
         return args, kwargs
 
     def reset_state(self, module):

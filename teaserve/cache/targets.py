@@ -161,6 +161,19 @@ def bound_arguments(signature: inspect.Signature, args, kwargs) -> dict[str, Any
     return signature.bind_partial(None, *args, **kwargs).arguments
 
 
+class ArgumentsHook(ModelHook):
+    """A hook that reads its module's call arguments by name (`arguments`)."""
+
+    _signature: inspect.Signature  # set when the hook is registered
+
+    def initialize_hook(self, module):
+        self._signature = inspect.signature(type(module).forward)
+        return module
+
+    def arguments(self, args, kwargs) -> dict[str, Any]:
+        return bound_arguments(self._signature, args, kwargs)
+
+
 @torch.compiler.disable
 def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
     """mean|current - previous| / mean|previous|, finite: at most MAX_RELATIVE_CHANGE."""
@@ -189,7 +202,7 @@ def context_is_set(state_manager: StateManager) -> bool:
         return False
 
 
-class CallOrderBranches(ModelHook):
+class CallOrderBranches(ArgumentsHook):
     """On the transformer: names the calls a pipeline makes outside `cache_context` by their order in the step.
 
     Some pipelines (diffusers 0.42's FluxKontextPipeline) call the transformer for the conditional and then the
@@ -203,8 +216,6 @@ class CallOrderBranches(ModelHook):
 
     _is_stateful = True  # reset with the method's state after each pipeline call
 
-    _signature: inspect.Signature  # set when the hook is registered
-
     def __init__(self, state_manager: StateManager, target: CacheTarget):
         super().__init__()
         self.state_manager, self.target = state_manager, target
@@ -213,16 +224,12 @@ class CallOrderBranches(ModelHook):
         self._named: CacheContext | None = None
         """The context this hook set for the call under way."""
 
-    def initialize_hook(self, module):
-        self._signature = inspect.signature(type(module).forward)
-        return module
-
     def reset_state(self, module):
         self._step, self._calls, self._named = None, 0, None
         return module
 
     def _step_value(self, args, kwargs) -> float | None:
-        value = bound_arguments(self._signature, args, kwargs).get(self.target.step_argument)
+        value = self.arguments(args, kwargs).get(self.target.step_argument)
         if isinstance(value, torch.Tensor):
             return float(value.reshape(-1)[0]) if value.numel() else None
         return float(value) if isinstance(value, int | float) else None

@@ -19,7 +19,6 @@ request (`begin_request`, `set_step`) instead of having them counted from forwar
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,16 +26,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks import HookRegistry
 from diffusers.hooks.hooks import BaseState, StateManager
 
 from .base import ROWS_CONTEXT, CacheBackend, contiguous_groups, is_number, parse_config, read_json_file, short_repr
 from .targets import (
+    ArgumentsHook,
     BlockIO,
     CacheTarget,
     CallOrderBranches,
     Gate,
-    bound_arguments,
     cache_target_for,
     relative_l1_of_rows,
 )
@@ -367,25 +366,19 @@ class BranchState(BaseState):
         self.residuals: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
 
-class TeaCacheBlockHook(ModelHook):
+class TeaCacheBlockHook(ArgumentsHook):
     """Middle and tail blocks: pass inputs through while skipping; the tail stores the residual."""
-
-    _signature: inspect.Signature  # set when the hook is registered
 
     def __init__(self, state_manager: StateManager, clock: RequestClock, io: BlockIO, is_tail: bool):
         super().__init__()
         self.state_manager, self.clock, self.io, self.is_tail = state_manager, clock, io, is_tail
-
-    def initialize_hook(self, module):
-        self._signature = inspect.signature(type(module).forward)
-        return module
 
     def new_forward(self, module, *args, **kwargs):
         if not self.clock.enabled:
             return self.fn_ref.original_forward(*args, **kwargs)
         state: BranchState = self.state_manager.get_state()
         if state.skipping:
-            return self.io.join(*self.io.inputs(bound_arguments(self._signature, args, kwargs)))
+            return self.io.join(*self.io.inputs(self.arguments(args, kwargs)))
         output = self.fn_ref.original_forward(*args, **kwargs)
         return self._store_residuals(state, output) if self.is_tail else output
 
@@ -449,7 +442,7 @@ class TeaCacheHeadHook(TeaCacheBlockHook):
         clock = self.clock
         if not clock.enabled:
             return self.fn_ref.original_forward(*args, **kwargs)
-        arguments = bound_arguments(self._signature, args, kwargs)
+        arguments = self.arguments(args, kwargs)
         state: BranchState = self.state_manager.get_state()
         if state.decided is not None:
             skipped, state.skipping, state.decided = state.decided, False, None
@@ -473,13 +466,11 @@ class TeaCacheHeadHook(TeaCacheBlockHook):
         return module
 
 
-class TeaCacheShortcutHook(ModelHook):
+class TeaCacheShortcutHook(ArgumentsHook):
     """On the transformer, where its target declares a `StackShortcut`: decide before the forward, and when every
     row skips, run only the shortcut (embeddings, gate, output head) instead of the whole forward, whose text
     stream, position embeddings and pass-through blocks a skipped step does not need. The output is the one the
     block hooks give: the first block's input plus the cached residual, through the output head."""
-
-    _signature: inspect.Signature  # set when the hook is registered
 
     def __init__(self, state_manager: StateManager, clock: RequestClock, target: CacheTarget, head: torch.nn.Module):
         super().__init__()
@@ -487,14 +478,10 @@ class TeaCacheShortcutHook(ModelHook):
         assert target.shortcut is not None
         self.shortcut = target.shortcut
 
-    def initialize_hook(self, module):
-        self._signature = inspect.signature(type(module).forward)
-        return module
-
     def new_forward(self, module, *args, **kwargs):
         if not self.clock.enabled:
             return self.fn_ref.original_forward(*args, **kwargs)
-        arguments = bound_arguments(self._signature, args, kwargs)
+        arguments = self.arguments(args, kwargs)
         entered = self.shortcut.enter(module, arguments)
         if entered is None:
             return self.fn_ref.original_forward(*args, **kwargs)
