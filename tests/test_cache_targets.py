@@ -82,6 +82,24 @@ def test_qwen_image_gate_modulates_each_token_by_its_image_when_conditions_are_z
 
 
 @torch.no_grad()
+def test_qwen_image_shortcut_is_the_forward_around_the_block_stack():
+    """`enter` gives what the first block gets, `leave` of the last block's output gives the forward's output."""
+    pipe = tiny_qwen_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    transformer = pipe.transformer
+    blocks = transformer.transformer_blocks
+    first, last, call = FirstCall(blocks[0]), FirstCall(blocks[-1], output=True), FirstCall(transformer, output=True)
+    pipe("a cat", num_inference_steps=2, height=32, width=32, generator=torch.Generator().manual_seed(0))
+    shortcut = cache_target_for(transformer).shortcut
+    hidden, temb = shortcut.enter(transformer, call.kwargs)
+    assert torch.equal(hidden, first.kwargs["hidden_states"]) and torch.equal(temb, first.kwargs["temb"])
+    left = shortcut.leave(transformer, last.output[1], temb, call.kwargs)
+    assert torch.equal(left[0], call.output[0])  # the pipeline calls with return_dict=False
+    transformer.zero_cond_t = True  # per-token modulation: the shortcut leaves the call to the whole forward
+    assert shortcut.enter(transformer, call.kwargs) is None
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("kind", ["t2i", "kontext"])
 def test_flux_gate_is_the_modulated_input_of_the_first_double_stream_attention(kind):
     pipe = tiny_flux_pipeline(kind)
