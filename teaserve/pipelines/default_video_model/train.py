@@ -1,0 +1,413 @@
+"""Training of the embedded default video model: a small Wan2.1-architecture pipeline that draws moving shapes.
+
+Every component is a stock library class, trained (or, for the text encoder, frozen at random) on the procedural
+clips, deterministically from one seed:
+
+1. `AutoencoderKLWan` with two downsampling stages, both also temporal (4x in space and in time: 17 frames of
+   32x32 become 5 latent frames of 8x8), trained as an autoencoder on rendered clips of the full length (it
+   encodes and decodes chunk by chunk, carrying state from one to the next, and a run of chunks longer than it was
+   trained on drifts);
+2. the latents of a pool of 17-frame training clips, normalised with their measured mean and std (written into
+   the VAE config, exactly as the pipeline undoes it);
+3. a frozen random `UMT5EncoderModel` with an offline T5 tokenizer whose vocabulary is the captions' words; the
+   pipeline's own `encode_prompt` embeds every caption;
+4. `WanTransformer3DModel` trained by flow matching with the noise levels of Wan's UniPC scheduler (its flow
+   shift), with prompt dropout to the blank negative prompt so that classifier-free guidance works; the
+   exponential moving average of its weights is what ships;
+5. the VAE decoder fine-tuned on fresh 17-frame clips with the encoder frozen (sharper, same latent space).
+
+    teaserve train-default-video --out /tmp/shapes-wan
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchmetrics.functional.image import peak_signal_noise_ratio
+
+from ..default_model.train import autoencoder_loss, cosine_lr, psnr, training_noise_levels, update_ema
+from ..loading import write_profile
+from ..offline_tokenizers import build_t5_tokenizer
+from . import SERVED_MODEL_NAME, clips
+
+NEGATIVE_PROMPT = " "
+TEXT_LENGTH = 512
+"""WanPipeline's default max_sequence_length: every prompt is zero-padded to this many tokens."""
+NUM_INFERENCE_STEPS = 25
+GUIDANCE_SCALE = 5.0
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    seed: int = 0
+    threads: int = 1
+    # autoencoder
+    vae_base_dim: int = 16
+    z_dim: int = 8
+    vae_steps: int = 1500
+    vae_batch: int = 4
+    vae_lr: float = 1e-3
+    vae_initial_logvar: float = -6.0
+    latent_pool: int = 6000
+    # text side (frozen, random)
+    text_dim: int = 64
+    text_layers: int = 2
+    # transformer
+    layers: int = 4
+    heads: int = 4
+    head_dim: int = 32
+    ffn_dim: int = 512
+    transformer_steps: int = 4000
+    transformer_batch: int = 32
+    transformer_lr: float = 8e-4
+    prompt_dropout: float = 0.1
+    ema_decay: float = 0.999
+    flow_shift: float = 3.0
+    # decoder fine-tune
+    decoder_steps: int = 200
+    decoder_lr: float = 3e-4
+
+    def scaled(self, factor: float) -> TrainingConfig:
+        """The same recipe with every stage's step count (and the latent pool) scaled, for quick trials."""
+        return replace(
+            self,
+            vae_steps=max(1, int(self.vae_steps * factor)),
+            latent_pool=max(64, int(self.latent_pool * factor)),
+            transformer_steps=max(1, int(self.transformer_steps * factor)),
+            decoder_steps=max(1, int(self.decoder_steps * factor)),
+        )
+
+
+def _to_tensor(videos: np.ndarray) -> torch.Tensor:
+    """uint8 (B, F, H, W, 3) -> float (B, 3, F, H, W) in [-1, 1], the VAE's input layout."""
+    return torch.from_numpy(videos).permute(0, 4, 1, 2, 3).float().div(127.5).sub(1)
+
+
+def _vae_psnr(vae, videos: torch.Tensor) -> float:
+    was_training = vae.training
+    vae.eval()
+    with torch.no_grad():
+        value = psnr(vae.decode(vae.encode(videos).latent_dist.mode()).sample, videos)
+    vae.train(was_training)
+    return value
+
+
+def _validation_clips(config: TrainingConfig) -> torch.Tensor:
+    _, held_out = clips.split_clips()
+    return _to_tensor(clips.sample(32, held_out, seed=config.seed + 99)[0])
+
+
+def train_vae(config: TrainingConfig, log: Callable[[str], None]):
+    from diffusers import AutoencoderKLWan
+
+    z = config.z_dim
+    torch.manual_seed(config.seed)
+    vae = AutoencoderKLWan(
+        base_dim=config.vae_base_dim, z_dim=z, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[True, True],
+        latents_mean=[0.0] * z, latents_std=[1.0] * z, scale_factor_spatial=4, scale_factor_temporal=4,
+    )  # fmt: skip
+    # At random initialisation the posterior's std is about 1 against means of about 0.2: the decoder would see
+    # noise only. A small starting std lets reconstruction drive the encoder from the first step.
+    with torch.no_grad():
+        vae.quant_conv.bias[z:] = config.vae_initial_logvar
+    train_clips, _ = clips.split_clips()
+    validation = _validation_clips(config)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    generator = torch.Generator().manual_seed(config.seed)
+    vae.train()
+    for step in range(config.vae_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(config.vae_lr, step, config.vae_steps, warmup=50)
+        videos = _to_tensor(clips.sample(config.vae_batch, train_clips, seed=config.seed * 1_000_003 + step)[0])
+        posterior = vae.encode(videos).latent_dist
+        reconstruction = vae.decode(posterior.sample(generator)).sample
+        loss = autoencoder_loss(reconstruction, videos) + 1e-6 * posterior.kl().mean() / videos[0].numel()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        if (step + 1) % 250 == 0 or step + 1 == config.vae_steps:
+            quality = _vae_psnr(vae, validation)
+            log(f"vae step {step + 1}/{config.vae_steps}: loss {loss.item():.4f}, held-out PSNR {quality:.2f} dB")
+    return vae.eval()
+
+
+def encode_pool(vae, config: TrainingConfig) -> tuple[torch.Tensor, list[clips.Clip]]:
+    """Posterior means of a pool of 17-frame training clips, normalised; the VAE config records mean and std."""
+    train_clips, _ = clips.split_clips()
+    chunks, chosen = [], []
+    with torch.no_grad():
+        for start in range(0, config.latent_pool, 64):
+            count = min(64, config.latent_pool - start)
+            videos, batch_clips = clips.sample(count, train_clips, seed=config.seed * 9_000_011 + start)
+            chunks.append(vae.encode(_to_tensor(videos)).latent_dist.mode())
+            chosen += batch_clips
+    latents = torch.cat(chunks)
+    mean, std = latents.mean(dim=(0, 2, 3, 4)), latents.std(dim=(0, 2, 3, 4))
+    vae.register_to_config(latents_mean=[float(v) for v in mean], latents_std=[float(v) for v in std])
+    return (latents - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1), chosen
+
+
+def caption_texts() -> list[str]:
+    return [clip.caption for clip in clips.all_clips()] + [NEGATIVE_PROMPT]
+
+
+def build_text_side(config: TrainingConfig):
+    """Offline T5 tokenizer of the captions' words, and a small frozen random UMT5 text encoder."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tokenizer = build_t5_tokenizer(caption_texts())
+    heads = 4
+    torch.manual_seed(config.seed + 1)
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=(len(tokenizer) + 63) // 64 * 64,
+            d_model=config.text_dim,
+            d_kv=config.text_dim // heads,
+            d_ff=config.text_dim * 2,
+            num_layers=config.text_layers,
+            num_heads=heads,
+            relative_attention_num_buckets=16,
+            dropout_rate=0.0,
+            feed_forward_proj="gated-gelu",
+        )
+    ).eval()
+    return tokenizer, text_encoder
+
+
+def wan_scheduler(flow_shift: float):
+    """Wan2.1's scheduler configuration (UniPC on flow sigmas), with this model's flow shift."""
+    from diffusers import UniPCMultistepScheduler
+
+    return UniPCMultistepScheduler(
+        num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=flow_shift
+    )
+
+
+def embed_captions(pipeline, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every text through the pipeline's own encode_prompt (zero-padded to TEXT_LENGTH tokens), collapsed for
+    training: the real tokens, then one zero token per missing row up to the longest text plus one; and the
+    attention bias that makes a key over them weigh exactly as over the full padding (see `collapsed_padding`)."""
+    embeddings = []
+    with torch.no_grad():
+        for start in range(0, len(texts), 256):
+            batch, _ = pipeline.encode_prompt(
+                texts[start : start + 256], do_classifier_free_guidance=False, max_sequence_length=TEXT_LENGTH,
+                device="cpu",
+            )  # fmt: skip
+            lengths = (batch != 0).any(-1).sum(1)
+            embeddings += [batch[i, : int(length)].clone() for i, length in enumerate(lengths)]
+    rows = max(len(e) for e in embeddings) + 1
+    collapsed = torch.zeros(len(embeddings), rows, embeddings[0].shape[1])
+    bias = torch.zeros(len(embeddings), rows)
+    for index, embedding in enumerate(embeddings):
+        collapsed[index, : len(embedding)] = embedding
+        # the pipeline's TEXT_LENGTH - len padding rows are identical keys: the rows - len here stand for them
+        bias[index, len(embedding) :] = math.log((TEXT_LENGTH - len(embedding)) / (rows - len(embedding)))
+    return collapsed, bias
+
+
+class _BiasedCrossAttention:
+    """Wan's attention processor with an additive attention bias over the keys (set before each forward)."""
+
+    def __init__(self, processor) -> None:
+        self.processor = processor
+        self.bias: torch.Tensor | None = None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        return self.processor(attn, hidden_states, encoder_hidden_states, self.bias, rotary_emb)
+
+
+@contextmanager
+def collapsed_padding(transformer) -> Iterator[_BiasedCrossAttention]:
+    """Training-time speed-up: WanPipeline zero-pads every prompt to 512 tokens, and the transformer's text
+    projection maps every zero row to the same key and value. Attention over n identical keys equals attention
+    over one of them with log(n) added to its logit, so training attends over the real tokens and a few padding
+    rows whose bias makes them weigh as the full padding: the same function, a fraction of the work."""
+    processor = _BiasedCrossAttention(transformer.blocks[0].attn2.processor)
+    originals = [block.attn2.processor for block in transformer.blocks]
+    for block in transformer.blocks:
+        block.attn2.set_processor(processor)
+    try:
+        yield processor
+    finally:
+        for block, original in zip(transformer.blocks, originals, strict=True):
+            block.attn2.set_processor(original)
+
+
+def build_transformer(config: TrainingConfig):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(config.seed + 2)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=config.heads, attention_head_dim=config.head_dim,
+        in_channels=config.z_dim, out_channels=config.z_dim, text_dim=config.text_dim, freq_dim=256,
+        ffn_dim=config.ffn_dim, num_layers=config.layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )  # fmt: skip
+
+
+def train_transformer(config: TrainingConfig, pipeline, latents: torch.Tensor, pool: list[clips.Clip], log):
+    """Flow matching on the latents, with the noise levels of the inference scheduler's flow shift."""
+    texts = caption_texts()
+    embeddings, biases = embed_captions(pipeline, texts)
+    caption_index = {text: index for index, text in enumerate(texts)}
+    sample_captions = torch.tensor([caption_index[clip.caption] for clip in pool])
+    negative = caption_index[NEGATIVE_PROMPT]
+    count = len(latents)
+
+    transformer = build_transformer(config)
+    ema = copy.deepcopy(transformer).eval().requires_grad_(False)
+    transformer.train()
+    optimizer = torch.optim.AdamW(transformer.parameters(), lr=config.transformer_lr, betas=(0.9, 0.99))
+    generator = torch.Generator().manual_seed(config.seed + 3)
+    _, _, frames, height, width = latents.shape
+    log(
+        f"transformer: {sum(p.numel() for p in transformer.parameters()) / 1e6:.2f}M parameters, "
+        f"{frames * height * width // 4} video tokens, {embeddings.shape[1]} text rows standing for {TEXT_LENGTH}"
+    )
+    smoothed = None
+    shift = config.flow_shift
+    with collapsed_padding(transformer) as cross_attention:
+        for step in range(config.transformer_steps):
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_lr(config.transformer_lr, step, config.transformer_steps, warmup=200)
+            batch = config.transformer_batch
+            index = torch.randint(0, count, (batch,), generator=generator)
+            captions = sample_captions[index].clone()
+            captions[torch.rand(batch, generator=generator) < config.prompt_dropout] = negative
+            u = training_noise_levels(batch, generator)
+            sigma = shift * u / (1 + (shift - 1) * u)  # the scheduler's flow shift
+            clean = latents[index]
+            noise = torch.randn(clean.shape, generator=generator)
+            noisy = (1 - sigma.view(-1, 1, 1, 1, 1)) * clean + sigma.view(-1, 1, 1, 1, 1) * noise
+            cross_attention.bias = biases[captions].view(batch, 1, 1, -1)
+            prediction = transformer(
+                hidden_states=noisy, timestep=sigma * 1000, encoder_hidden_states=embeddings[captions],
+                return_dict=False,
+            )[0]  # fmt: skip
+            loss = (prediction - (noise - clean)).pow(2).mean()  # flow prediction: x0 = x_t - sigma * v
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+            optimizer.step()
+            update_ema(ema, transformer, step, config.ema_decay)
+            smoothed = loss.item() if smoothed is None else 0.98 * smoothed + 0.02 * loss.item()
+            if (step + 1) % 250 == 0 or step + 1 == config.transformer_steps:
+                log(f"transformer step {step + 1}/{config.transformer_steps}: loss {smoothed:.4f}")
+    return ema
+
+
+def finetune_decoder(vae, config: TrainingConfig, log: Callable[[str], None]) -> None:
+    """Sharpen the decoder on fresh 17-frame clips; the encoder, and so the latent space, stays as trained."""
+    train_clips, _ = clips.split_clips()
+    validation = _validation_clips(config)
+    decoder_parameters = [*vae.post_quant_conv.parameters(), *vae.decoder.parameters()]
+    optimizer = torch.optim.AdamW(decoder_parameters, lr=config.decoder_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    vae.train()
+    for step in range(config.decoder_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(config.decoder_lr, step, config.decoder_steps, warmup=20)
+        videos = _to_tensor(clips.sample(config.vae_batch, train_clips, seed=config.seed * 7_000_003 + step)[0])
+        with torch.no_grad():
+            latents = vae.encode(videos).latent_dist.mode()
+        loss = autoencoder_loss(vae.decode(latents).sample, videos)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(decoder_parameters, 1.0)
+        optimizer.step()
+        if (step + 1) % 100 == 0 or step + 1 == config.decoder_steps:
+            log(f"decoder step {step + 1}/{config.decoder_steps}: held-out PSNR {_vae_psnr(vae, validation):.2f} dB")
+    vae.eval()
+
+
+def generate(pipeline, captions: list[str], *, steps: int = NUM_INFERENCE_STEPS, seed: int = 0) -> np.ndarray:
+    """Clips of `captions` with the model's default sampling (clip i uses seed + i): float (B, F, H, W, 3) in
+    [0, 1]."""
+    return pipeline(
+        prompt=captions, negative_prompt=[NEGATIVE_PROMPT] * len(captions), guidance_scale=GUIDANCE_SCALE,
+        num_inference_steps=steps, width=clips.FRAME_SIZE, height=clips.FRAME_SIZE, num_frames=clips.NUM_FRAMES,
+        output_type="np", generator=[torch.Generator().manual_seed(seed + i) for i in range(len(captions))],
+    ).frames  # fmt: skip
+
+
+def half_precision_fidelity(pipeline, count: int = 8) -> dict[str, float]:
+    """Round the weights to bfloat16 (as shipped) and measure how much the clips change against float32, on
+    held-out captions with the default sampling; the pipeline keeps the bfloat16 weights."""
+    _, held_out = clips.split_clips()
+    captions = [clip.caption for clip in held_out[:count]]
+    reference = np.round(generate(pipeline, captions) * 255).astype(np.float64)
+    modules = (pipeline.transformer, pipeline.vae, pipeline.text_encoder)
+    for module in modules:
+        module.to(torch.bfloat16).to(torch.float32)  # the values a float32 load of the saved weights gives
+    rounded = np.round(generate(pipeline, captions) * 255).astype(np.float64)
+    per_clip = peak_signal_noise_ratio(
+        torch.from_numpy(rounded), torch.from_numpy(reference), data_range=255.0, reduction="none", dim=(1, 2, 3, 4)
+    )
+    psnrs = per_clip.clamp(max=100.0).tolist()  # identical clips (infinite PSNR) count as 100 dB
+    for module in modules:
+        module.to(torch.bfloat16)
+    return {"psnr_mean": float(np.mean(psnrs)), "psnr_min": float(np.min(psnrs)), "clips": count}
+
+
+def train(config: TrainingConfig, out: str | Path, log: Callable[[str], None] = print) -> Path:
+    """Run the whole recipe and save the pipeline (bfloat16 weights) with its teaserve.json profile to `out`."""
+    from diffusers import WanPipeline
+
+    torch.set_num_threads(config.threads)
+    out = Path(out)
+    timings: dict[str, float] = {}
+    cpu_timings: dict[str, float] = {}
+    started, cpu_started = time.perf_counter(), time.process_time()
+
+    def stage(name: str) -> None:
+        timings[name] = round(time.perf_counter() - started - sum(timings.values()), 1)
+        cpu_timings[name] = round(time.process_time() - cpu_started - sum(cpu_timings.values()), 1)
+        log(f"[{name}] done after {timings[name]:.0f} s, {cpu_timings[name]:.0f} CPU s")
+
+    vae = train_vae(config, log)
+    stage("vae")
+    latents, pool = encode_pool(vae, config)
+    stage("latents")
+    tokenizer, text_encoder = build_text_side(config)
+    pipeline = WanPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=wan_scheduler(config.flow_shift),
+        transformer=None,
+    )  # fmt: skip
+    pipeline.register_modules(transformer=train_transformer(config, pipeline, latents, pool, log))
+    stage("transformer")
+    finetune_decoder(vae, config, log)
+    stage("decoder")
+    pipeline.set_progress_bar_config(disable=True)
+    fidelity = half_precision_fidelity(pipeline)
+    log(
+        f"bfloat16 weights against float32: PSNR mean {fidelity['psnr_mean']:.1f} dB, min {fidelity['psnr_min']:.1f} dB"
+    )
+    pipeline.save_pretrained(out)
+    write_profile(
+        out,
+        served_model_name=SERVED_MODEL_NAME,
+        defaults={"num_inference_steps": NUM_INFERENCE_STEPS, "true_cfg_scale": GUIDANCE_SCALE,
+                  "negative_prompt": NEGATIVE_PROMPT, "width": clips.FRAME_SIZE, "height": clips.FRAME_SIZE,
+                  "num_frames": clips.NUM_FRAMES, "fps": clips.FPS},
+    )  # fmt: skip
+    record = {
+        "config": asdict(config),
+        "seconds": timings,
+        "cpu_seconds": cpu_timings,
+        "total_seconds": round(time.perf_counter() - started),
+        "total_cpu_seconds": round(time.process_time() - cpu_started),
+        "bfloat16_fidelity": fidelity,
+    }
+    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    log(f"saved {out} after {time.perf_counter() - started:.0f} s")
+    return out
