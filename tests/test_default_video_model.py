@@ -107,7 +107,7 @@ def test_the_shipped_model_draws_held_out_captions_through_diffusers():
 
 # -- the recipe -----------------------------------------------------------------------------------------------------
 TOY = dataclasses.replace(
-    TrainingConfig().scaled(0.001), vae_batch=2, vae_frames=5, latent_pool=8, layers=1, transformer_batch=4
+    TrainingConfig().scaled(0.001), vae_batch=1, latent_pool=8, layers=1, transformer_batch=4
 )
 
 

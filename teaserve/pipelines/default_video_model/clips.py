@@ -29,10 +29,10 @@ DIRECTIONS = {
 FRAME_SIZE = 32
 NUM_FRAMES = 17
 FPS = 8
-RADIUS = 0.16
+RADIUS = 0.2
 """Radius of the shape's circumscribed circle, as a fraction of the frame side."""
 RADIUS_JITTER = 0.15
-TRAVEL = (0.35, 0.55)
+TRAVEL = (0.3, 0.45)
 """How far the shape's centre moves over the clip, as a fraction of the frame side."""
 CROSS_POSITION = (0.3, 0.7)
 """Where the path runs across the direction of motion, as a fraction of the frame side."""

@@ -4,17 +4,15 @@ Every component is a stock library class, trained (or, for the text encoder, fro
 clips, deterministically from one seed:
 
 1. `AutoencoderKLWan` with two downsampling stages, both also temporal (4x in space and in time: 17 frames of
-   32x32 become 5 latent frames of 8x8), trained as an autoencoder on rendered clips of the full length (it
-   encodes and decodes chunk by chunk, carrying state from one to the next, and a run of chunks longer than it was
-   trained on drifts);
+   32x32 become 5 latent frames of 8x8), inflated from the embedded image model's VAE without training (see
+   `inflate_image_vae`);
 2. the latents of a pool of 17-frame training clips, normalised with their measured mean and std (written into
    the VAE config, exactly as the pipeline undoes it);
 3. a frozen random `UMT5EncoderModel` with an offline T5 tokenizer whose vocabulary is the captions' words; the
    pipeline's own `encode_prompt` embeds every caption;
 4. `WanTransformer3DModel` trained by flow matching with the noise levels of Wan's UniPC scheduler (its flow
    shift), with prompt dropout to the blank negative prompt so that classifier-free guidance works; the
-   exponential moving average of its weights is what ships;
-5. the VAE decoder fine-tuned on fresh 17-frame clips with the encoder frozen (sharper, same latent space).
+   exponential moving average of its weights is what ships.
 
     teaserve train-default-video --out /tmp/shapes-wan
 """
@@ -34,7 +32,8 @@ import numpy as np
 import torch
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
-from ..default_model.train import autoencoder_loss, cosine_lr, psnr, training_noise_levels, update_ema
+from ..default_model import default_model_path
+from ..default_model.train import cosine_lr, training_noise_levels, update_ema
 from ..loading import write_profile
 from ..offline_tokenizers import build_t5_tokenizer
 from . import SERVED_MODEL_NAME, clips
@@ -49,15 +48,8 @@ GUIDANCE_SCALE = 5.0
 @dataclass(frozen=True)
 class TrainingConfig:
     seed: int = 0
-    threads: int = 1
-    # autoencoder
-    vae_base_dim: int = 16
-    z_dim: int = 8
-    vae_steps: int = 1500
-    vae_batch: int = 4
-    vae_lr: float = 1e-3
-    vae_initial_logvar: float = -6.0
-    latent_pool: int = 6000
+    threads: int = 2
+    latent_pool: int = 2400
     # text side (frozen, random)
     text_dim: int = 64
     text_layers: int = 2
@@ -66,24 +58,19 @@ class TrainingConfig:
     heads: int = 4
     head_dim: int = 32
     ffn_dim: int = 512
-    transformer_steps: int = 4000
+    transformer_steps: int = 3000
     transformer_batch: int = 32
     transformer_lr: float = 8e-4
     prompt_dropout: float = 0.1
     ema_decay: float = 0.999
     flow_shift: float = 3.0
-    # decoder fine-tune
-    decoder_steps: int = 200
-    decoder_lr: float = 3e-4
 
     def scaled(self, factor: float) -> TrainingConfig:
-        """The same recipe with every stage's step count (and the latent pool) scaled, for quick trials."""
+        """The same recipe with the transformer's step count and the latent pool scaled, for quick trials."""
         return replace(
             self,
-            vae_steps=max(1, int(self.vae_steps * factor)),
             latent_pool=max(64, int(self.latent_pool * factor)),
             transformer_steps=max(1, int(self.transformer_steps * factor)),
-            decoder_steps=max(1, int(self.decoder_steps * factor)),
         )
 
 
@@ -92,53 +79,53 @@ def _to_tensor(videos: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(videos).permute(0, 4, 1, 2, 3).float().div(127.5).sub(1)
 
 
-def _vae_psnr(vae, videos: torch.Tensor) -> float:
-    was_training = vae.training
-    vae.eval()
-    with torch.no_grad():
-        value = psnr(vae.decode(vae.encode(videos).latent_dist.mode()).sample, videos)
-    vae.train(was_training)
-    return value
+def inflate_image_vae():
+    """The embedded image model's VAE as a Wan video VAE that also compresses time 4x, without training.
 
+    Its `AutoencoderKLQwenImage` is the Wan 2.1 VAE architecture, trained on single frames of shapes in the same
+    palette; a single frame only ever reaches the newest time tap of its causal convolutions. Zeroing the older
+    taps makes every convolution act frame by frame, and the temporal resamplers (one more than the image VAE
+    has) start as exact frame picking: the encoder keeps every other frame, the decoder repeats each latent frame.
+    A latent frame then holds one of its four frames, which moves a shape by under a pixel: the clips' checker
+    reads the reconstructions as well as the renders."""
+    from diffusers import AutoencoderKLQwenImage, AutoencoderKLWan
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanResample
 
-def _validation_clips(config: TrainingConfig) -> torch.Tensor:
-    _, held_out = clips.split_clips()
-    return _to_tensor(clips.sample(32, held_out, seed=config.seed + 99)[0])
-
-
-def train_vae(config: TrainingConfig, log: Callable[[str], None]):
-    from diffusers import AutoencoderKLWan
-
-    z = config.z_dim
-    torch.manual_seed(config.seed)
+    image_vae = AutoencoderKLQwenImage.from_pretrained(default_model_path() / "vae", torch_dtype=torch.float32)
+    source = image_vae.config
     vae = AutoencoderKLWan(
-        base_dim=config.vae_base_dim, z_dim=z, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[True, True],
-        latents_mean=[0.0] * z, latents_std=[1.0] * z, scale_factor_spatial=4, scale_factor_temporal=4,
+        base_dim=source.base_dim, z_dim=source.z_dim, dim_mult=source.dim_mult, num_res_blocks=source.num_res_blocks,
+        temperal_downsample=[True] * len(source.temperal_downsample), latents_mean=[0.0] * source.z_dim,
+        latents_std=[1.0] * source.z_dim, scale_factor_spatial=4, scale_factor_temporal=4,
     )  # fmt: skip
-    # At random initialisation the posterior's std is about 1 against means of about 0.2: the decoder would see
-    # noise only. A small starting std lets reconstruction drive the encoder from the first step.
+    vae.load_state_dict(image_vae.state_dict(), strict=False)  # the new temporal resamplers are set below
     with torch.no_grad():
-        vae.quant_conv.bias[z:] = config.vae_initial_logvar
-    train_clips, _ = clips.split_clips()
-    validation = _validation_clips(config)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
-    generator = torch.Generator().manual_seed(config.seed)
-    vae.train()
-    for step in range(config.vae_steps):
-        for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(config.vae_lr, step, config.vae_steps, warmup=50)
-        videos = _to_tensor(clips.sample(config.vae_batch, train_clips, seed=config.seed * 1_000_003 + step)[0])
-        posterior = vae.encode(videos).latent_dist
-        reconstruction = vae.decode(posterior.sample(generator)).sample
-        loss = autoencoder_loss(reconstruction, videos) + 1e-6 * posterior.kl().mean() / videos[0].numel()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
-        if (step + 1) % 250 == 0 or step + 1 == config.vae_steps:
-            quality = _vae_psnr(vae, validation)
-            log(f"vae step {step + 1}/{config.vae_steps}: loss {loss.item():.4f}, held-out PSNR {quality:.2f} dB")
-    return vae.eval()
+        for module in vae.modules():
+            if isinstance(module, WanResample) and hasattr(module, "time_conv"):
+                weight = module.time_conv.weight  # (copies x channels, channels, 3, 1, 1)
+                channels = weight.shape[1]
+                weight.zero_()
+                module.time_conv.bias.zero_()
+                for copy_index in range(weight.shape[0] // channels):
+                    weight[copy_index * channels : (copy_index + 1) * channels, :, -1, 0, 0] = torch.eye(channels)
+            elif isinstance(module, WanCausalConv3d):
+                module.weight[:, :, :-1] = 0
+    return vae.eval().requires_grad_(False)
+
+
+def reconstruction_quality(vae, count: int = 32, seed: int = 99) -> dict[str, float]:
+    """PSNR of the VAE's reconstructions of held-out clips, and the fraction the clips' checker reads right."""
+    _, held_out = clips.split_clips()
+    videos, chosen = clips.sample(count, held_out, seed=seed)
+    target = _to_tensor(videos)
+    with torch.no_grad():
+        reconstruction = vae.decode(vae.encode(target).latent_dist.mode()).sample.clamp(-1, 1)
+    frames = reconstruction.add(1).div(2).permute(0, 2, 3, 4, 1).numpy()
+    return {
+        "psnr": float(peak_signal_noise_ratio(reconstruction, target, data_range=2.0, dim=(1, 2, 3, 4))),
+        "checker_passed": float(np.mean([clips.check(f, c).passed for f, c in zip(frames, chosen, strict=True)])),
+        "clips": count,
+    }
 
 
 def encode_pool(vae, config: TrainingConfig) -> tuple[torch.Tensor, list[clips.Clip]]:
@@ -244,13 +231,13 @@ def collapsed_padding(transformer) -> Iterator[_BiasedCrossAttention]:
             block.attn2.set_processor(original)
 
 
-def build_transformer(config: TrainingConfig):
+def build_transformer(config: TrainingConfig, z_dim: int):
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(config.seed + 2)
     return WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=config.heads, attention_head_dim=config.head_dim,
-        in_channels=config.z_dim, out_channels=config.z_dim, text_dim=config.text_dim, freq_dim=256,
+        in_channels=z_dim, out_channels=z_dim, text_dim=config.text_dim, freq_dim=256,
         ffn_dim=config.ffn_dim, num_layers=config.layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
         rope_max_seq_len=32,
     )  # fmt: skip
@@ -265,7 +252,7 @@ def train_transformer(config: TrainingConfig, pipeline, latents: torch.Tensor, p
     negative = caption_index[NEGATIVE_PROMPT]
     count = len(latents)
 
-    transformer = build_transformer(config)
+    transformer = build_transformer(config, latents.shape[1])
     ema = copy.deepcopy(transformer).eval().requires_grad_(False)
     transformer.train()
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=config.transformer_lr, betas=(0.9, 0.99))
@@ -305,29 +292,6 @@ def train_transformer(config: TrainingConfig, pipeline, latents: torch.Tensor, p
             if (step + 1) % 250 == 0 or step + 1 == config.transformer_steps:
                 log(f"transformer step {step + 1}/{config.transformer_steps}: loss {smoothed:.4f}")
     return ema
-
-
-def finetune_decoder(vae, config: TrainingConfig, log: Callable[[str], None]) -> None:
-    """Sharpen the decoder on fresh 17-frame clips; the encoder, and so the latent space, stays as trained."""
-    train_clips, _ = clips.split_clips()
-    validation = _validation_clips(config)
-    decoder_parameters = [*vae.post_quant_conv.parameters(), *vae.decoder.parameters()]
-    optimizer = torch.optim.AdamW(decoder_parameters, lr=config.decoder_lr, betas=(0.9, 0.99), weight_decay=0.0)
-    vae.train()
-    for step in range(config.decoder_steps):
-        for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(config.decoder_lr, step, config.decoder_steps, warmup=20)
-        videos = _to_tensor(clips.sample(config.vae_batch, train_clips, seed=config.seed * 7_000_003 + step)[0])
-        with torch.no_grad():
-            latents = vae.encode(videos).latent_dist.mode()
-        loss = autoencoder_loss(vae.decode(latents).sample, videos)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(decoder_parameters, 1.0)
-        optimizer.step()
-        if (step + 1) % 100 == 0 or step + 1 == config.decoder_steps:
-            log(f"decoder step {step + 1}/{config.decoder_steps}: held-out PSNR {_vae_psnr(vae, validation):.2f} dB")
-    vae.eval()
 
 
 def generate(pipeline, captions: list[str], *, steps: int = NUM_INFERENCE_STEPS, seed: int = 0) -> np.ndarray:
@@ -374,8 +338,9 @@ def train(config: TrainingConfig, out: str | Path, log: Callable[[str], None] = 
         cpu_timings[name] = round(time.process_time() - cpu_started - sum(cpu_timings.values()), 1)
         log(f"[{name}] done after {timings[name]:.0f} s, {cpu_timings[name]:.0f} CPU s")
 
-    vae = train_vae(config, log)
-    stage("vae")
+    vae = inflate_image_vae()
+    reconstruction = reconstruction_quality(vae)
+    log(f"VAE on held-out clips: PSNR {reconstruction['psnr']:.1f} dB, checker {reconstruction['checker_passed']:.0%}")
     latents, pool = encode_pool(vae, config)
     stage("latents")
     tokenizer, text_encoder = build_text_side(config)
@@ -385,8 +350,6 @@ def train(config: TrainingConfig, out: str | Path, log: Callable[[str], None] = 
     )  # fmt: skip
     pipeline.register_modules(transformer=train_transformer(config, pipeline, latents, pool, log))
     stage("transformer")
-    finetune_decoder(vae, config, log)
-    stage("decoder")
     pipeline.set_progress_bar_config(disable=True)
     fidelity = half_precision_fidelity(pipeline)
     log(
@@ -406,6 +369,7 @@ def train(config: TrainingConfig, out: str | Path, log: Callable[[str], None] = 
         "cpu_seconds": cpu_timings,
         "total_seconds": round(time.perf_counter() - started),
         "total_cpu_seconds": round(time.process_time() - cpu_started),
+        "vae_reconstruction": reconstruction,
         "bfloat16_fidelity": fidelity,
     }
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
