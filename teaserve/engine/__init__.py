@@ -19,6 +19,7 @@ from .omni import Omni
 from .params import MAX_OUTPUTS, MAX_STEPS, OmniDiffusionSamplingParams, SamplingFields
 from .prompt_cache import PromptEmbeddingCache
 from .request import GenerationRequest, ProgressEvent, PromptInput, RequestMetrics, RequestOutput
+from .video import GeneratedVideo, decode_mp4
 
 __all__ = [
     "DEFAULT_MAX_QUEUE_SIZE",
@@ -29,6 +30,7 @@ __all__ = [
     "DeviceOutOfMemoryError",
     "EngineArgs",
     "EngineStoppedError",
+    "GeneratedVideo",
     "GenerationError",
     "GenerationRequest",
     "ImageSource",
@@ -46,4 +48,5 @@ __all__ = [
     "RequestOutput",
     "RequestTimeoutError",
     "SamplingFields",
+    "decode_mp4",
 ]

@@ -18,6 +18,7 @@ from ..cache import CacheBackend, row_group_label, stats_of_request
 from ..pipelines import LoadedModel, ModelFamily, PipelineInputs, TextEmbedding
 from .prompt_cache import PromptEmbeddingCache
 from .request import GenerationRequest, ProgressEvent, RequestMetrics, RequestOutput
+from .video import GeneratedVideo
 
 ProgressCallback = Callable[[ProgressEvent], None]
 StopCheck = Callable[[], None]
@@ -256,8 +257,16 @@ class ModelWorker:
                 callback_on_step_end=on_step_end,
                 callback_on_step_end_tensor_inputs=["latents"],
             )
-            images = family.output_images(pipe, output, inputs, tracker.final_latents)
-        return self._output(member, images, tracker.steps_done, timing, self.cache.stats(), batch_size=1)
+            if family.makes_video:
+                frames = family.output_videos(pipe, output, inputs)
+                videos = [GeneratedVideo(video, fps=inputs.extra["fps"]) for video in frames]
+                images: list[Image.Image] = []
+            else:
+                videos = []
+                images = family.output_images(pipe, output, inputs, tracker.final_latents)
+        output = self._output(member, images, tracker.steps_done, timing, self.cache.stats(), batch_size=1)
+        output.videos = videos
+        return output
 
     def run_batch(self, members: list[BatchMember]) -> list[RequestOutput | Exception]:
         """Run requests of one `batch_key` together; each gets its own images, statistics and stop check. A request

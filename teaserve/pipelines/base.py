@@ -11,9 +11,12 @@ from typing import Any, ClassVar, Literal
 
 import torch
 from PIL import Image
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
-Task = Literal["text-to-image", "image-edit", "image-layers"]
+Task = Literal["text-to-image", "image-edit", "image-layers", "text-to-video", "image-to-video"]
+VIDEO_TASKS: tuple[Task, ...] = ("text-to-video", "image-to-video")
+MAX_FRAMES = 1024
+"""The schema's ceiling on frames per video; the engine's pixel limits decide what a server makes."""
 TextEmbedding = tuple[torch.Tensor | None, ...]
 """One text encoded by a family's `encode_text` (e.g. Qwen-Image: the embeddings and their mask or None)."""
 
@@ -80,6 +83,14 @@ class ModelKnobs(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
+class VideoKnobs(ModelKnobs):
+    """The request parameters of every video family: how many frames, played at what rate. A family subclasses it
+    to set its own defaults and frame rule (`check_frames`)."""
+
+    num_frames: int = Field(default=17, ge=1, le=MAX_FRAMES, description="frames per video")
+    fps: int = Field(default=8, ge=1, le=120, description="frames per second of the encoded video")
+
+
 class ModelFamily:
     """Base class of a registry entry. Subclasses set the class attributes and override what differs."""
 
@@ -101,6 +112,10 @@ class ModelFamily:
     @property
     def can_edit(self) -> bool:
         return self.max_input_images > 0
+
+    @property
+    def makes_video(self) -> bool:
+        return self.task in VIDEO_TASKS
 
     @property
     def supports_mask(self) -> bool:
@@ -202,8 +217,9 @@ class ModelFamily:
         return default
 
     def images_per_output(self, knobs: dict[str, Any]) -> int:
-        """Images a pipeline call makes per requested output (the engine bounds their pixels per request)."""
-        return 1
+        """Images a pipeline call makes per requested output (the engine bounds their pixels per request): a video
+        family's frames."""
+        return int(knobs["num_frames"]) if self.makes_video else 1
 
     # -- running -------------------------------------------------------------------------------
     def prepare_image(self, image: Image.Image) -> Image.Image:
@@ -225,6 +241,10 @@ class ModelFamily:
     ) -> list[Image.Image]:
         """The images of a pipeline call's output, flat, in order (`final_latents`: the last step's latents)."""
         return list(output.images)
+
+    def output_videos(self, pipe, output, inputs: PipelineInputs) -> list[list[Image.Image]]:
+        """A video family's frames of each output of a pipeline call, in order."""
+        raise NotImplementedError
 
     def call_kwargs(self, pipe, inputs: PipelineInputs) -> dict[str, Any]:
         raise NotImplementedError
