@@ -57,7 +57,8 @@ class CacheTarget:
     gate: the timestep-modulated input of the first block, computed from that block and its call arguments
         (TeaCache's signal).
     defaults: each cache method's recommended settings for this transformer, by backend name, e.g.
-        `{"tea_cache": {"coefficients": (...)}}`; server settings replace them.
+        `{"tea_cache": {"coefficients": (...)}}`, or a function of the transformer that returns them (for classes
+        whose checkpoints differ, e.g. coefficients fitted per model size); server settings replace them.
     branch_names: pipelines that call the transformer outside `cache_context` get their CFG branches named by
         call order within a step: the i-th call of a step is `branch_names[i]` (later calls `branch<i>`).
     step_argument: the transformer's argument that changes from step to step and is shared by the calls of one
@@ -68,10 +69,17 @@ class CacheTarget:
 
     blocks: Callable[[Any], Iterable[torch.nn.Module]]
     gate: Gate
-    defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    defaults: Mapping[str, Mapping[str, Any]] | Callable[[Any], Mapping[str, Mapping[str, Any]]] = field(
+        default_factory=dict
+    )
     branch_names: tuple[str, ...] = ("cond", "uncond")
     step_argument: str = "timestep"
     shortcut: StackShortcut | None = None
+
+    def recommended(self, transformer: torch.nn.Module, backend: str) -> Mapping[str, Any]:
+        """The settings this target recommends to `backend` for `transformer` (empty when none)."""
+        defaults = self.defaults(transformer) if callable(self.defaults) else self.defaults
+        return defaults.get(backend, {})
 
     def block_stack(self, transformer: torch.nn.Module) -> list[torch.nn.Module]:
         blocks = list(self.blocks(transformer))

@@ -264,7 +264,7 @@ def target_rescaling(config: TeaCacheConfig, target: CacheTarget, transformer: t
     """The config's coefficients, else the ones the transformer's target recommends."""
     if config.rescaling is not None:
         return config.rescaling
-    recommended = target.defaults.get(NAME, {})
+    recommended = target.recommended(transformer, NAME)
     if "coefficients" not in recommended:
         raise ValueError(
             f"tea_cache has no coefficients for transformer {type(transformer).__name__}: fit them with "
