@@ -54,7 +54,9 @@ def test_thumbnail_is_the_first_frame():
     assert np.array_equal(np.asarray(video.thumbnail()), np.asarray(video.frames[0]))
 
 
-@pytest.mark.parametrize(("frames", "grid", "picks"), [(9, (3, 3), list(range(9))), (33, (4, 4), None), (2, (2, 1), [0, 1])])
+@pytest.mark.parametrize(
+    ("frames", "grid", "picks"), [(9, (3, 3), list(range(9))), (33, (4, 4), None), (2, (2, 1), [0, 1])]
+)
 def test_spritesheet_shows_evenly_spaced_frames_row_by_row(frames, grid, picks):
     video = moving_square(frames=frames, size=(16, 8))
     for index, frame in enumerate(video.frames):  # every frame distinguishable by its red value

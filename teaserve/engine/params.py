@@ -181,8 +181,6 @@ def parameter_error(
         message = str(cause)
     elif details["type"] == "extra_forbidden" or field is None:
         message = f"unknown parameter {name!r}; valid parameters: {', '.join(model.model_fields)}"
-    elif isinstance(cause, ValueError):  # a validator of the field's own rule says what is valid
-        message = str(cause)
     elif len(location) == 1:
         message = f"{name} must be {describe_field(field)}, got {shown_value(details['input'])}"
     else:
