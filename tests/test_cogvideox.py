@@ -149,8 +149,9 @@ def invalid(omni, prompt="a cat", **params) -> InvalidParameterError:
 
 def test_bad_requests_name_the_parameter_and_what_is_valid(t2v, i2v, t2v15):
     error = invalid(t2v, num_frames=13)
-    assert error.param == "num_frames" and "8N + 1" in str(error) and "9 or 17" in str(error)
+    assert error.param == "num_frames" and "1 + a multiple of 8" in str(error) and "9 or 17" in str(error)
     assert "1 or 9" in str(invalid(t2v, num_frames=8))
+    assert get_family("CogVideoXPipeline").knobs.frames_for(6, 8) == 49  # 6 seconds at 8 fps
     error = invalid(t2v, width=24, height=16)
     assert error.param == "size" and "multiple of 16" in str(error)
     assert invalid(t2v, from_image()).param == "image"

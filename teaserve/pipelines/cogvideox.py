@@ -9,16 +9,12 @@ from typing import Any, ClassVar
 
 import torch
 from PIL import Image
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from ..cache import CacheTarget, register_cache_target
 from .base import MAX_FRAMES, GenerationDefaults, ModelFamily, PipelineInputs, Task, TextEmbedding, VideoKnobs
 from .registry import register_family
 
-FRAME_STEP = 8
-"""A video has 8N + 1 frames: an odd number of latent frames, the first decoded to one frame and each other to 4.
-The VAE decodes an even number of latent frames to 4 frames each, so other counts come out with more or fewer
-frames than asked for."""
 V15_FRAMES, V15_FPS = 81, 16
 """CogVideoX 1.5's videos as its model cards sample them: 5 seconds at 16 fps."""
 V15_SIZE = (1360, 768)
@@ -29,22 +25,13 @@ class CogVideoXKnobs(VideoKnobs):
     """CogVideoX's video parameters: 49 frames at 8 fps (6 seconds, as CogVideoX 1.0 was trained) by default;
     CogVideoX 1.5 folders default to 81 frames at 16 fps."""
 
-    num_frames: int = Field(
-        default=49, ge=1, le=MAX_FRAMES, description=f"frames per video: {FRAME_STEP}N + 1 (1, 9, 17, ..., 49, ...)"
-    )
-    fps: int = Field(default=8, ge=1, le=120, description="frames per second of the encoded video")
+    frame_step = 8
+    """A video has 8N + 1 frames: an odd number of latent frames, the first decoded to one frame and each other to
+    4. The VAE decodes an even number of latent frames to 4 frames each, so 4N + 1 frames with N odd would come out
+    as 4N + 4."""
 
-    @field_validator("num_frames")
-    @classmethod
-    def check_frames(cls, value: int) -> int:
-        if value % FRAME_STEP == 1:
-            return value
-        below = (value - 1) // FRAME_STEP * FRAME_STEP + 1
-        nearest = [count for count in (below, below + FRAME_STEP) if count <= MAX_FRAMES]
-        raise ValueError(
-            f"num_frames must be {FRAME_STEP}N + 1 for CogVideoX (other counts do not come out of its VAE as asked), "
-            f"got {value}; nearest valid values: {' or '.join(map(str, nearest))}"
-        )
+    num_frames: int = Field(default=49, ge=1, le=MAX_FRAMES, description="frames per video: 8N + 1 (1, 9, ..., 49)")
+    fps: int = Field(default=8, ge=1, le=120, description="frames per second of the encoded video")
 
 
 def checkpoint_name(config) -> str:
