@@ -19,6 +19,7 @@ from ..engine import (
     QueueFullError,
     RequestCancelledError,
     RequestTimeoutError,
+    WorkerLostError,
 )
 from .protocol import ErrorInfo, ErrorResponse
 
@@ -38,6 +39,8 @@ ERROR_TYPES = {
 SHUTDOWN_RETRY_AFTER_SECONDS = 5
 """Retry-After while the server is going away: long enough for a restart or for a balancer to route elsewhere."""
 OUT_OF_MEMORY_RETRY_AFTER_SECONDS = 10
+WORKER_LOST_RETRY_AFTER_SECONDS = 1
+"""Retry-After when the worker running a request died: the other workers take the retry."""
 
 
 class OpenAIError(Exception):
@@ -127,6 +130,13 @@ def engine_error(error: Exception, request_id: str) -> OpenAIError:
             f"the device ran out of memory while running request {request_id}; retry later or ask for less",
             code="out_of_memory",
             headers={"retry-after": str(OUT_OF_MEMORY_RETRY_AFTER_SECONDS)},
+        )
+    if isinstance(error, WorkerLostError):
+        return OpenAIError(
+            503,
+            f"the model worker running request {request_id} stopped before it finished; retry",
+            code="worker_lost",
+            headers={"retry-after": str(WORKER_LOST_RETRY_AFTER_SECONDS)},
         )
     if isinstance(error, GenerationError):
         return OpenAIError(

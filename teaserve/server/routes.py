@@ -17,8 +17,7 @@ STARTED = int(time.time())
 
 @router.get("/v1/models", response_model=ModelList, tags=["models"])
 async def list_models(request: Request) -> ModelList:
-    engine, serving = request.app.state.engine, request.app.state.image_serving
-    model = engine.model
+    model, serving = request.app.state.engine.served_model, request.app.state.image_serving
     width, height = model.default_size
     return ModelList(
         data=[
@@ -26,8 +25,8 @@ async def list_models(request: Request) -> ModelList:
                 id=serving.served_model_name,
                 created=STARTED,
                 architecture=model.architecture,
-                can_edit=model.family.can_edit,
-                max_input_images=model.family.max_input_images,
+                can_edit=model.can_edit,
+                max_input_images=model.max_input_images,
                 default_size=f"{width}x{height}",
             )
         ]

@@ -21,9 +21,9 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException
 
 from ...engine import (
-    AsyncEngine,
+    EngineClient,
     EngineStoppedError,
-    GenerationRequest,
+    Generation,
     InvalidParameterError,
     OmniDiffusionSamplingParams,
     ProgressEvent,
@@ -32,6 +32,7 @@ from ...engine import (
     SamplingFields,
 )
 from ...engine.params import json_or_text, parse_size, shown_value, values_from_strings
+from ...engine.request import new_request_id
 from ..errors import OpenAIError, _validation_message, engine_error
 from ..lifecycle import ServerLifecycle
 from ..metrics import ServerMetrics
@@ -56,7 +57,8 @@ ABANDONED_MESSAGE = "the server stopped waiting for the request at the end of it
 
 async def cancel_on_disconnect(request: Request, work: Awaitable[T], abandoned: asyncio.Event) -> T:
     """Await `work`, cancelling it as soon as the client disconnects (the body must have been read) or the server
-    abandons waiting requests (then EngineStoppedError)."""
+    abandons waiting requests (then EngineStoppedError). Cancelling the caller cancels `work` too: a proxy in front
+    may cancel the handler of a client that went away."""
     task = asyncio.ensure_future(work)
 
     async def wait_for_disconnect() -> None:
@@ -69,9 +71,10 @@ async def cancel_on_disconnect(request: Request, work: Awaitable[T], abandoned: 
     finally:
         for watcher in watchers:
             watcher.cancel()
+        if not task.done():
+            task.cancel()
     if task in done:
         return task.result()
-    task.cancel()
     if abandoned.is_set():
         raise EngineStoppedError(ABANDONED_MESSAGE)
     raise ClientDisconnectedError
@@ -168,7 +171,9 @@ class EditForm:
 class ImageServing:
     """Turns OpenAI image requests into engine requests and engine outputs into OpenAI responses."""
 
-    def __init__(self, engine: AsyncEngine, model_names: list[str], metrics: ServerMetrics, lifecycle: ServerLifecycle):
+    def __init__(
+        self, engine: EngineClient, model_names: list[str], metrics: ServerMetrics, lifecycle: ServerLifecycle
+    ):
         self.engine = engine
         self.lifecycle = lifecycle
         self.served_model_name = model_names[0]
@@ -184,19 +189,18 @@ class ImageServing:
         return await self._serve("image_generation", PromptInput(body.prompt), body, params, request)
 
     async def edit(self, request: Request) -> Response:
-        """Admission before work: the text fields and the number of image and mask parts are checked against the
-        model before any upload is read; the images' headers against the pixel limits before any pixel is
-        decoded; decoding runs in a worker thread."""
+        """The uploads go to the engine's `read_inputs` while they are open. Admission before work: an engine in
+        this process checks the text fields and the number of image and mask parts against the model before any
+        upload is read, the images' headers against the pixel limits before any pixel is decoded, and decodes in a
+        worker thread."""
         form = await self._read_form(request)
         try:
             parts = EditForm.parse(form)
             body = parts.body()
             try:
                 params = self._params(body)
-                self.engine.check_params(params)
-                self.engine.check_inputs(len(parts.images), bool(parts.masks))
-                images, mask = await asyncio.to_thread(
-                    self.engine.open_inputs,
+                images, mask = await self.engine.read_inputs(
+                    params,
                     [upload.file for upload in parts.images],
                     parts.masks[0].file if parts.masks else None,
                 )
@@ -204,7 +208,7 @@ class ImageServing:
                 raise _bad_request(error) from None
         finally:
             await form.close()
-        prompt = PromptInput(body.prompt, images=list(images), mask=mask)
+        prompt = PromptInput(body.prompt, images=images, mask=mask)
         return await self._serve("image_edit", prompt, body, params, request)
 
     @staticmethod
@@ -244,17 +248,6 @@ class ImageServing:
             model_knobs=body.model_knobs,
         )
 
-    def _prepare(
-        self, prompt: PromptInput, body: ImageRequestFields, params: OmniDiffusionSamplingParams, request: Request
-    ) -> GenerationRequest:
-        try:
-            prepared = self.engine.prepare(prompt, params, num_previews=body.partial_images if body.stream else 0)
-        except InvalidParameterError as error:
-            raise _bad_request(error) from None
-        if not request.state.client_request_id:  # the X-Request-Id we created is a fresh uuid: use it throughout
-            prepared.request_id = request.state.request_id
-        return prepared
-
     async def _serve(
         self,
         kind: str,
@@ -263,30 +256,36 @@ class ImageServing:
         params: OmniDiffusionSamplingParams,
         request: Request,
     ) -> Response:
-        prepared = self._prepare(prompt, body, params, request)
+        # the X-Request-Id we created is a fresh uuid: use it throughout; a client's own id may not be unique
+        request_id = new_request_id() if request.state.client_request_id else request.state.request_id
+        start = self.engine.start(
+            prompt,
+            params,
+            num_previews=body.partial_images if body.stream else 0,
+            request_id=request_id,
+            progress=body.stream,
+        )
+        try:
+            if body.stream:
+                # Admission first (bad input: 400, queue full: 429, shutting down: 503), then the 200 that starts
+                # the stream.
+                generation = await cancel_on_disconnect(request, start, self.lifecycle.abandoned)
+            else:
+                output = await cancel_on_disconnect(request, _output(start), self.lifecycle.abandoned)
+        except ClientDisconnectedError:
+            return Response(status_code=499)  # nobody reads it; the generation was cancelled
+        except InvalidParameterError as error:  # refused before any work
+            raise _bad_request(error) from None
+        except Exception as error:
+            raise engine_error(error, request_id) from None
         if body.stream:
-            # Admission first (queue full: 429, shutting down: 503), then the 200 that starts the stream.
-            try:
-                events = self.engine.stream(prepared)
-            except InvalidParameterError as error:
-                raise _bad_request(error) from None
-            except Exception as error:
-                raise engine_error(error, prepared.request_id) from None
             return StreamingResponse(
-                self._events(kind, prepared, body, events),
+                self._events(kind, generation, body),
                 media_type="text/event-stream",
                 headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
                 # a client gone before the first event never starts the iteration that would cancel the request
-                background=BackgroundTask(self.engine.cancel, prepared.request_id),
+                background=BackgroundTask(generation.cancel),
             )
-        try:
-            output = await cancel_on_disconnect(request, self.engine.generate(prepared), self.lifecycle.abandoned)
-        except ClientDisconnectedError:
-            return Response(status_code=499)  # nobody reads it; the generation was cancelled
-        except InvalidParameterError as error:  # refused at submission, before any work
-            raise _bad_request(error) from None
-        except Exception as error:
-            raise engine_error(error, prepared.request_id) from None
         self.metrics.record_output(output)
         data = await asyncio.to_thread(self._encode_all, output, body)
         response = ImagesResponse(
@@ -319,18 +318,12 @@ class ImageServing:
     def _background(images: list[Image.Image]) -> Literal["transparent", "opaque"]:
         return "transparent" if any(image.mode in ("RGBA", "LA") for image in images) else "opaque"
 
-    async def _events(
-        self,
-        kind: str,
-        prepared: GenerationRequest,
-        body: ImageRequestFields,
-        events: AsyncIterator[ProgressEvent | RequestOutput],
-    ) -> AsyncIterator[str]:
-        size = f"{prepared.width}x{prepared.height}"
+    async def _events(self, kind: str, generation: Generation, body: ImageRequestFields) -> AsyncIterator[str]:
+        size = f"{generation.width}x{generation.height}"
         common = {"output_format": body.output_format, "quality": body.quality or "auto", "size": size}
         partial_index = 0
         try:
-            async for item in until_abandoned(events, self.lifecycle.abandoned):
+            async for item in until_abandoned(generation.events(), self.lifecycle.abandoned):
                 if isinstance(item, ProgressEvent):
                     for preview in item.previews or []:
                         b64 = await asyncio.to_thread(encode_b64, preview, body.output_format, body.output_compression)
@@ -365,7 +358,11 @@ class ImageServing:
                         },
                     )
         except Exception as error:  # the status line has gone out: report the failure in the stream
-            yield f"data: {json.dumps(engine_error(error, prepared.request_id).body())}\n\n"
+            yield f"data: {json.dumps(engine_error(error, generation.request_id).body())}\n\n"
+
+
+async def _output(start: Awaitable[Generation]) -> RequestOutput:
+    return await (await start).output()
 
 
 def _sse(event: str, payload: dict[str, Any]) -> str:
