@@ -99,6 +99,41 @@ def _add_serve(subparsers) -> None:
     )
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     EngineArgs.add_cli_args(serve)
+    _add_scale_flags(serve)
+
+
+SCALE_FLAGS = ("replicas", "min_replicas", "max_replicas", "replica_cpus", "replica_gpus", "ray_address")
+"""The flags that only mean something with --ray."""
+
+
+def _add_scale_flags(serve: argparse.ArgumentParser) -> None:
+    group = serve.add_argument_group("scale-out on Ray Serve (pip install 'teaserve[ray]')")
+    group.add_argument(
+        "--ray",
+        action="store_true",
+        help="serve through Ray Serve: the same API in front of --replicas engine replicas, each owning one device "
+        "(one GPU where the cluster has GPUs)",
+    )
+    group.add_argument(
+        "--replicas", type=int, default=None, help="engine replicas (default 1; with autoscaling: at start)"
+    )
+    group.add_argument("--min-replicas", type=int, default=None, help="autoscaling: fewest replicas (default 1)")
+    group.add_argument("--max-replicas", type=int, default=None, help="autoscaling: most replicas (turns it on)")
+    group.add_argument(
+        "--replica-cpus", type=float, default=None, help="CPUs each replica reserves, and its torch threads (default 1)"
+    )
+    group.add_argument(
+        "--replica-gpus",
+        type=float,
+        default=None,
+        help="GPUs each replica reserves (default: 1 where the cluster has GPUs, else 0; 0.5 packs two on one GPU)",
+    )
+    group.add_argument(
+        "--ray-address",
+        default=None,
+        help="the Ray cluster to deploy on, e.g. auto (the one `ray start` began here) or HOST:PORT (default: start "
+        "a Ray instance for this machine alone, listening on loopback only)",
+    )
 
 
 def _add_generate(subparsers) -> None:
