@@ -63,8 +63,14 @@ def sampling_params(args: argparse.Namespace) -> OmniDiffusionSamplingParams:
         width=width,
         height=height,
         cache_config=args.request_cache_config,
-        model_knobs=values_from_strings(schema, dict(args.model_param)),
+        model_knobs={**values_from_strings(schema, dict(args.model_param)), **video_knobs(args)},
     )
+
+
+def video_knobs(args: argparse.Namespace) -> dict[str, int]:
+    """The video flags of `teaserve generate` given, as the model parameters they set."""
+    flags = {"num_frames": getattr(args, "num_frames", None), "fps": getattr(args, "fps", None)}
+    return {name: value for name, value in flags.items() if value is not None}
 
 
 def _add_serve(subparsers) -> None:
@@ -96,12 +102,22 @@ def _add_serve(subparsers) -> None:
 
 
 def _add_generate(subparsers) -> None:
-    generate = subparsers.add_parser("generate", help="generate images from the command line")
+    generate = subparsers.add_parser("generate", help="generate images or videos from the command line")
     generate.add_argument(
         "model_and_prompt", nargs="+", metavar="[MODEL] PROMPT", help="model (default: the embedded one), then prompt"
     )
-    generate.add_argument("-o", "--output", default="out.png", help="output file (several images: out-0.png, ...)")
-    generate.add_argument("--image", action="append", default=[], help="input image for edit models (repeatable)")
+    generate.add_argument(
+        "-o",
+        "--output",
+        default=None,
+        help="output file (default out.png, or out.mp4 for video models; a video may also be .gif or .webp; "
+        "several outputs: out-0.png, ...)",
+    )
+    generate.add_argument(
+        "--image", action="append", default=[], help="input image for edit and image-to-video models (repeatable)"
+    )
+    generate.add_argument("--num-frames", type=int, default=None, help="frames per video (video models)")
+    generate.add_argument("--fps", type=int, default=None, help="frames per second of the video (video models)")
     generate.add_argument("--mask", default=None, help="mask image for inpainting edits")
     _add_sampling_flags(generate)
     EngineArgs.add_cli_args(generate)

@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Task = Literal["text-to-image", "image-edit", "image-layers", "text-to-video", "image-to-video"]
 VIDEO_TASKS: tuple[Task, ...] = ("text-to-video", "image-to-video")
@@ -85,10 +85,29 @@ class ModelKnobs(BaseModel):
 
 class VideoKnobs(ModelKnobs):
     """The request parameters of every video family: how many frames, played at what rate. A family subclasses it
-    to set its own defaults and frame rule (`check_frames`)."""
+    to set its own defaults and `frame_step`."""
+
+    frame_step: ClassVar[int] = 1
+    """Valid frame counts are 1 + a multiple of this (the VAE's temporal compression: 4 for CogVideoX and Wan)."""
 
     num_frames: int = Field(default=17, ge=1, le=MAX_FRAMES, description="frames per video")
     fps: int = Field(default=8, ge=1, le=120, description="frames per second of the encoded video")
+
+    @field_validator("num_frames")
+    @classmethod
+    def _valid_frame_count(cls, value: int) -> int:
+        if (value - 1) % cls.frame_step:
+            below = value - (value - 1) % cls.frame_step
+            raise ValueError(
+                f"num_frames must be 1 + a multiple of {cls.frame_step} for this model, e.g. {below} or "
+                f"{below + cls.frame_step}, got {value}"
+            )
+        return value
+
+    @classmethod
+    def frames_for(cls, seconds: float, fps: int) -> int:
+        """The valid frame count nearest to `seconds` of video at `fps` (at least one step of frames)."""
+        return 1 + cls.frame_step * max(1, round(seconds * fps / cls.frame_step))
 
 
 class ModelFamily:
