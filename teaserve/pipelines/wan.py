@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 import torch
 from PIL import Image
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from ..cache import CacheTarget, StackShortcut, register_cache_target
 from .base import MAX_FRAMES, GenerationDefaults, ModelFamily, PipelineInputs, Task, TextEmbedding, VideoKnobs
@@ -15,29 +15,15 @@ from .registry import register_family
 
 DEFAULT_SIZE = (832, 480)
 """The pipelines' own default (Wan2.1's 480P), as width, height."""
-FRAME_STEP = 4
-"""Wan's VAE compresses time 4x after the first frame: a video has 4k + 1 frames."""
 
 
 class WanKnobs(VideoKnobs):
     """Wan's video parameters: 81 frames at 16 fps by default (about 5 seconds, as the model cards sample)."""
 
-    num_frames: int = Field(
-        default=81, ge=1, le=MAX_FRAMES, description=f"frames per video: 1 more than a multiple of {FRAME_STEP}"
-    )
-    fps: int = Field(default=16, ge=1, le=120, description="frames per second of the encoded video")
+    frame_step = 4  # Wan's VAE compresses time 4x after the first frame
 
-    @field_validator("num_frames")
-    @classmethod
-    def check_frames(cls, value: int) -> int:
-        if (value - 1) % FRAME_STEP == 0:
-            return value
-        below = (value - 1) // FRAME_STEP * FRAME_STEP + 1
-        nearest = [count for count in (below, below + FRAME_STEP) if count <= MAX_FRAMES]
-        raise ValueError(
-            f"num_frames must be 1 more than a multiple of {FRAME_STEP} (Wan's VAE compresses time {FRAME_STEP}x), "
-            f"got {value}; nearest valid values: {' or '.join(map(str, nearest))}"
-        )
+    num_frames: int = Field(default=81, ge=1, le=MAX_FRAMES, description="frames per video: 1 + a multiple of 4")
+    fps: int = Field(default=16, ge=1, le=120, description="frames per second of the encoded video")
 
 
 class Wan(ModelFamily):
