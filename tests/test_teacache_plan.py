@@ -13,8 +13,8 @@ from diffusers import WanTransformer3DModel
 
 from teaserve.cache import TeaCacheConfig, apply_teacache, cache_target_for, create_cache_backend, plan_schedule
 from teaserve.cache.teacache import remove_teacache
-from teaserve.pipelines import wan
-from teaserve.pipelines.testing import tiny_wan_pipeline
+from teaserve.pipelines import load_model, wan
+from teaserve.pipelines.testing import build_tiny_wan, tiny_wan_pipeline
 
 IDENTITY = (0.0, 0.0, 0.0, 1.0, 0.0)
 STEPS = 8
@@ -98,6 +98,19 @@ def test_planned_decisions_are_the_online_rules_and_known_from_the_timesteps_alo
             assert planned[name][key] == online_branches[name][key]
     assert "S" in before and "C" in before[1:-1]
     # A skipped step runs the shortcut around the block stack: the same output as the blocks passing it through.
+    assert np.array_equal(planned_frames, online_frames)
+
+
+def test_the_plan_holds_in_bfloat16_with_the_timestep_embedding_kept_in_float32(tmp_path):
+    """As Wan loads on GPUs: bfloat16, the timestep embedder kept in float32 and its output cast to the text's
+    dtype; the planned gates are the blocks' own, to the bit."""
+    pipe = load_model(str(build_tiny_wan(tmp_path)), dtype="bfloat16").pipeline
+    assert pipe.transformer.condition_embedder.time_embedder.linear_1.weight.dtype == torch.float32
+    target = cache_target_for(pipe.transformer)
+    planned_frames, planned = run(pipe, 0.45)
+    online_frames, online = run(pipe, 0.45, target=without_plan(target))
+    assert planned["cond"]["planned_schedule"] == planned["cond"]["schedule"] == online["cond"]["schedule"]
+    assert planned["cond"]["rel_l1"] == online["cond"]["rel_l1"]
     assert np.array_equal(planned_frames, online_frames)
 
 
