@@ -119,3 +119,23 @@ def test_serve_refuses_bad_cache_config_in_one_line():
         assert result.returncode == 2
         last = result.stderr.strip().splitlines()[-1]
         assert message in last, result.stderr
+
+
+def test_generate_on_a_video_model_writes_an_mp4_of_the_asked_frames(tmp_path):
+    from teaserve.engine import decode_mp4
+    from teaserve.pipelines.testing import build_tiny_wan
+
+    model = build_tiny_wan(tmp_path / "wan")
+    out = tmp_path / "clip.mp4"
+    result = run_cli("generate", str(model), "a red ball", "-o", str(out), "--num-frames", "5", "--fps", "4")
+    assert result.returncode == 0, result.stderr
+    assert f"saved {out} (16x16, 5 frames at 4 fps)" in result.stdout
+    frames, fps = decode_mp4(out.read_bytes())
+    assert (len(frames), frames[0].size, fps) == (5, (16, 16), 4)
+
+    result = run_cli("generate", str(model), "a red ball", "-o", str(tmp_path / "clip.png"))
+    assert result.returncode == 2
+    assert "this model makes videos: -o must end in .mp4, .gif, .webp" in result.stderr
+    result = run_cli("generate", str(model), "a red ball", "--num-frames", "6", "-o", str(out))
+    assert result.returncode == 2
+    assert "num_frames must be 1" in result.stderr.strip().splitlines()[-1]

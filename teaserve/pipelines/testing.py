@@ -272,6 +272,83 @@ def build_tiny_flux(folder: str | Path, *, kind: str = "t2i", seed: int = 0) -> 
     return folder
 
 
+def _tiny_umt5_encoder():
+    """The T5 encoder of diffusers' fast video tests, as the UMT5 that Wan's checkpoints use (vocabulary cut to the
+    offline tokenizer's)."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    return UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=1000,
+            d_model=32,
+            d_kv=8,
+            d_ff=37,
+            num_layers=5,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            dropout_rate=0.0,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
+
+
+WAN_KINDS = {"t2v": "WanPipeline"}
+
+
+def tiny_wan_components(*, seed: int = 0) -> dict:
+    """The components of a tiny Wan2.1 text-to-video pipeline (diffusers' fast-test sizes)."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=16,
+        out_channels=16,
+        text_dim=32,
+        freq_dim=256,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )
+    vae = AutoencoderKLWan(
+        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
+    text_encoder = _tiny_umt5_encoder()
+    _eval(transformer, vae, text_encoder)
+    return {
+        "transformer": transformer,
+        "vae": vae,
+        "scheduler": FlowMatchEulerDiscreteScheduler(shift=7.0),
+        "text_encoder": text_encoder,
+        "tokenizer": build_t5_tokenizer([TEST_WORDS]),
+    }
+
+
+def tiny_wan_pipeline(kind: str = "t2v", *, seed: int = 0):
+    """An in-memory tiny random Wan pipeline: kind "t2v" (WanPipeline)."""
+    import diffusers
+
+    if kind not in WAN_KINDS:
+        raise ValueError(f"unknown kind {kind!r}; valid kinds: {', '.join(WAN_KINDS)}")
+    return getattr(diffusers, WAN_KINDS[kind])(**tiny_wan_components(seed=seed))
+
+
+def build_tiny_wan(folder: str | Path, kind: str = "t2v", *, seed: int = 0) -> Path:
+    """Write a tiny random Wan pipeline (kind as `tiny_wan_pipeline`) to `folder`, with a profile of small defaults
+    (16x16, 9 frames, 4 steps), and return its path."""
+    folder = Path(folder)
+    tiny_wan_pipeline(kind, seed=seed).save_pretrained(folder)
+    defaults = {"width": 16, "height": 16, "num_inference_steps": 4, "num_frames": 9, "fps": 8}
+    write_profile(folder, served_model_name=f"teaserve/tiny-wan-{kind}", defaults=defaults)
+    return folder
+
+
 @contextlib.contextmanager
 def small_edit_condition_images(area: int = 64 * 64):
     """Cap the area edit pipelines resize condition images to (about 1024x1024 for Qwen-Image Edit and Flux Kontext,
