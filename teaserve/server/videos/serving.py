@@ -41,7 +41,6 @@ from ...engine import (
 )
 from ...engine.params import parse_size, shown_value
 from ...pipelines import VideoKnobs
-from ...pipelines.base import MAX_FRAMES
 from ..errors import OpenAIError, _validation_message, engine_error, internal_error
 from ..forms import FormParts, read_form
 from ..metrics import ServerMetrics
@@ -283,10 +282,12 @@ class VideoServing:
         if body.seconds is not None and "num_frames" not in knobs:
             fps = self.engine.model_knobs({"fps": knobs["fps"]})["fps"] if "fps" in knobs else self.default_fps
             frames = self.knobs.frames_for(body.seconds, fps)
-            if frames > MAX_FRAMES:
+            try:
+                self.engine.model_knobs({"fps": fps, "num_frames": frames})
+            except InvalidParameterError as error:
                 raise InvalidParameterError(
-                    f"{body.seconds:g} seconds at {fps} fps make {frames} frames; the most is {MAX_FRAMES}", "seconds"
-                )
+                    f"{body.seconds:g} seconds at {fps} fps make {frames} frames: {error}", "seconds"
+                ) from None
             knobs = {**knobs, "num_frames": frames}
         width, height = (None, None) if body.size is None else parse_size(body.size)
         return OmniDiffusionSamplingParams(
@@ -321,7 +322,13 @@ class VideoServing:
                 job.stored.set_exception(error)
                 return
             job.stored.set_result(None)
-            await asyncio.wait({asyncio.wrap_future(job.handle.future)})
+            try:
+                await asyncio.wrap_future(job.handle.future)
+            except asyncio.CancelledError:
+                if not job.handle.future.cancelled():
+                    raise  # this task was cancelled: the server closes
+            except Exception:
+                pass  # `_finish` reads the failure from the engine's future
             ended = await self._finish(job, store)
             if ended is not None:
                 self.metrics.video_jobs.labels(ended).inc()
