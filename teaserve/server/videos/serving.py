@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
+import functools
 import io
 import logging
 import os
@@ -75,8 +77,9 @@ _DATA_URL = re.compile(r"data:([\w.+-]+/[\w.+-]+)?((?:;[^,;]*)*?);base64,(.*)", 
 class LiveJob:
     """A job of this process that has not ended: how far the engine has got, and when to look again."""
 
-    def __init__(self, video_id: str, loop: asyncio.AbstractEventLoop):
+    def __init__(self, video_id: str, loop: asyncio.AbstractEventLoop, on_first_step: Callable[[], None]):
         self.video_id = video_id
+        self._on_first_step = on_first_step
         self.handle: RequestHandle | None = None
         self.stored: asyncio.Future[None] = loop.create_future()
         """Done once the job's row is in the store (or failed to go in)."""
@@ -90,6 +93,7 @@ class LiveJob:
         now = time.monotonic()
         if self._first_step is None:
             self._first_step = (now, event.step)
+            self._on_first_step()
         elif event.step > self._first_step[1]:
             self._seconds_per_step = (now - self._first_step[0]) / (event.step - self._first_step[1])
         self._steps_left = event.total - event.step
@@ -231,7 +235,7 @@ class VideoServing:
             progress=0,
             created_at=int(time.time()),
         )
-        job = LiveJob(video_id, asyncio.get_running_loop())
+        job = LiveJob(video_id, asyncio.get_running_loop(), functools.partial(self._mark_in_progress, store, video_id))
         try:
             job.handle = self.engine.submit(prepared, on_progress=job.on_progress)
         except Exception as error:  # a full queue (429), a server shutting down (503): nothing was stored
@@ -310,6 +314,12 @@ class VideoServing:
             raise InvalidImageError(
                 f"{name} makes videos from an image: send its first frame as input_reference", "input_reference"
             )
+
+    def _mark_in_progress(self, store: VideoStore, video_id: str) -> None:
+        """Store that a job has begun (called on the engine's worker thread after its first step: submitted before
+        the engine answers, the write lands before the job's end is stored)."""
+        with contextlib.suppress(RuntimeError):  # the store has closed: the next start fails the job anyway
+            self._executor.submit(store.mark_in_progress, video_id)
 
     async def _follow(self, job: LiveJob, store: VideoStore, record: VideoRecord) -> None:
         """Store the job, wait for the engine, then store how it ended."""
