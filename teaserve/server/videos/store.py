@@ -49,9 +49,9 @@ def default_data_dir() -> Path:
     """$TEASERVE_DATA_DIR, else the user's data folder ($XDG_DATA_HOME or ~/.local/share) /teaserve."""
     given = os.environ.get(DATA_DIR_ENV)
     if given:
-        return Path(given)
-    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
-    return Path(base) / "teaserve"
+        return Path(given).expanduser()
+    base = os.environ.get("XDG_DATA_HOME") or "~/.local/share"
+    return Path(base).expanduser() / "teaserve"
 
 
 def new_video_id() -> str:
@@ -93,7 +93,7 @@ class VideoStore:
     would take the first one's running jobs for abandoned ones."""
 
     def __init__(self, data_dir: str | Path):
-        self.data_dir = Path(data_dir)
+        self.data_dir = Path(data_dir).expanduser()
         self.files_dir = self.data_dir / "videos"
         self.files_dir.mkdir(parents=True, exist_ok=True)
         self._lock = (self.data_dir / "videos.lock").open("a")
