@@ -1,6 +1,6 @@
 """Model families (keyed by diffusers architecture name), loading, tiny offline builders, the default model."""
 
-from . import bagel, flux, qwen_image, wan  # noqa: F401  (importing a family module registers it)
+from . import bagel, cogvideox, flux, qwen_image, wan  # noqa: F401  (importing a family module registers it)
 from .base import VIDEO_TASKS, GenerationDefaults, ModelFamily, ModelKnobs, PipelineInputs, TextEmbedding, VideoKnobs
 from .loading import DTYPE_CHOICES, LoadedModel, load_model, resolve_device, resolve_dtype
 from .registry import (

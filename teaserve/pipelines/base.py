@@ -154,6 +154,11 @@ class ModelFamily:
         sampling = {name: value for name, value in overrides.items() if name not in knob_names}
         return dataclasses.replace(self.defaults, **sampling), knobs
 
+    def folder_defaults(self, folder: Path) -> dict[str, Any]:
+        """Defaults of the checkpoint in `folder` where they differ between this family's checkpoints (e.g. a model
+        version's frame count), keyed like teaserve.json's "defaults"; that file's own defaults go over them."""
+        return {}
+
     def matches_folder(self, folder: Path) -> bool:
         """For checkpoints published without a model_index.json: True when `folder` is one of this family's."""
         return False

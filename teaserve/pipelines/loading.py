@@ -153,7 +153,7 @@ def load_model(
     resolved_device = resolve_device(device)
     resolved_dtype = resolve_dtype(dtype, resolved_device)
     profile = _read_profile(folder)
-    defaults, knob_defaults = family.profile_defaults(profile.get("defaults", {}))
+    defaults, knob_defaults = family.profile_defaults({**family.folder_defaults(folder), **profile.get("defaults", {})})
     logger.info("loading %s (%s) on %s as %s", folder, family.architecture, resolved_device, resolved_dtype)
     pipeline = family.load(folder, resolved_device, resolved_dtype)
     pipeline.set_progress_bar_config(disable=True)

@@ -378,3 +378,97 @@ def small_edit_condition_images(area: int = 64 * 64):
             module.calculate_dimensions = original
         edit_plus.VAE_IMAGE_SIZE, edit_plus.CONDITION_IMAGE_SIZE = edit_plus_sizes
         kontext.PREFERRED_KONTEXT_RESOLUTIONS = kontext_resolutions
+
+
+# -- CogVideoX ------------------------------------------------------------------------------------------------------
+COGVIDEOX_KINDS = {"t2v": "CogVideoXPipeline", "i2v": "CogVideoXImageToVideoPipeline"}
+COGVIDEOX_VERSIONS = ("1.0", "1.5")
+
+
+def tiny_cogvideox_components(kind: str = "t2v", *, version: str = "1.0", seed: int = 0) -> dict:
+    """The five components of a tiny CogVideoX pipeline (diffusers' fast-test sizes), laid out like a checkpoint of
+    `version`: 1.0 text to video like 2b (sinusoidal positions), image to video like 5b-I2V (rotary positions and
+    positional embeddings learned for 16x16 and 9 frames); 1.5 like the 1.5 checkpoints (temporal patches, rotary
+    positions up to 32x32, and for image to video the ofs embedding). Two blocks each, so that every cache method
+    has a stack to skip."""
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel, DDIMScheduler
+    from transformers import T5Config, T5EncoderModel
+
+    if kind not in COGVIDEOX_KINDS:
+        raise ValueError(f"unknown kind {kind!r}; valid kinds: {', '.join(COGVIDEOX_KINDS)}")
+    if version not in COGVIDEOX_VERSIONS:
+        raise ValueError(f"unknown version {version!r}; valid versions: {', '.join(COGVIDEOX_VERSIONS)}")
+    image_to_video = kind == "i2v"
+    layout: dict = {"num_attention_heads": 4, "attention_head_dim": 8, "sample_width": 2, "sample_height": 2}
+    if version == "1.5":
+        layout = {"num_attention_heads": 2, "attention_head_dim": 16, "sample_width": 4, "sample_height": 4}
+        layout.update(patch_size_t=2, patch_bias=False, use_rotary_positional_embeddings=True)
+        if image_to_video:
+            layout["ofs_embed_dim"] = 2  # added to the time embedding: the same width
+    elif image_to_video:
+        # Rotary positions need a head width divisible by 16.
+        layout.update(num_attention_heads=2, attention_head_dim=16)
+        layout.update(use_rotary_positional_embeddings=True, use_learned_positional_embeddings=True)
+    torch.manual_seed(seed)
+    transformer = CogVideoXTransformer3DModel(
+        in_channels=8 if image_to_video else 4,  # image to video: the video's latents and the image's
+        out_channels=4,
+        time_embed_dim=2,
+        text_embed_dim=32,
+        num_layers=2,
+        sample_frames=9,
+        patch_size=2,
+        temporal_compression_ratio=4,
+        max_text_seq_length=16,
+        **layout,
+    )
+    vae = AutoencoderKLCogVideoX(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4,
+        block_out_channels=(8,) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=2,
+        temporal_compression_ratio=4,
+    )
+    text_encoder = T5EncoderModel(
+        T5Config(
+            vocab_size=1103,
+            d_model=32,
+            d_ff=37,
+            d_kv=8,
+            num_heads=4,
+            num_layers=5,
+            relative_attention_num_buckets=8,
+            dropout_rate=0.0,
+        )
+    )
+    _eval(transformer, vae, text_encoder)
+    return {
+        "transformer": transformer,
+        "vae": vae,
+        "scheduler": DDIMScheduler(),
+        "text_encoder": text_encoder,
+        "tokenizer": build_t5_tokenizer([TEST_WORDS]),
+    }
+
+
+def tiny_cogvideox_pipeline(kind: str = "t2v", *, version: str = "1.0", seed: int = 0):
+    """An in-memory tiny random CogVideoX pipeline: kind "t2v" (CogVideoXPipeline) or "i2v"
+    (CogVideoXImageToVideoPipeline), laid out like CogVideoX `version` "1.0" or "1.5"."""
+    import diffusers
+
+    components = tiny_cogvideox_components(kind, version=version, seed=seed)
+    return getattr(diffusers, COGVIDEOX_KINDS[kind])(**components)
+
+
+def build_tiny_cogvideox(folder: str | Path, kind: str = "t2v", *, version: str = "1.0", seed: int = 0) -> Path:
+    """Write a tiny random CogVideoX pipeline (kind "t2v" or "i2v", version "1.0" or "1.5") to `folder` and return
+    its path. Its profile makes 9-frame videos in 8 steps by default."""
+    folder = Path(folder)
+    tiny_cogvideox_pipeline(kind, version=version, seed=seed).save_pretrained(folder)
+    name = "teaserve/tiny-cogvideox" + ("1.5" if version == "1.5" else "") + ("-i2v" if kind == "i2v" else "")
+    write_profile(folder, served_model_name=name, defaults={"num_inference_steps": 8, "num_frames": 9})
+    return folder
