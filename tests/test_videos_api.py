@@ -253,7 +253,7 @@ def test_list_retrieve_and_delete(served, data_dir):
     [
         ({"seconds": "0"}, 400, "seconds", "above 0"),
         ({"seconds": "soon"}, 400, "seconds", "number of seconds"),
-        ({"seconds": "1.1", "fps": "10"}, 400, "seconds", "1.1 seconds at 10 fps make 12 frames"),
+        ({"seconds": "600"}, 400, "seconds", "600 seconds at 8 fps make 4801 frames"),
         ({"size": "big"}, 400, "size", "WIDTHxHEIGHT"),
         ({"size": "24x24"}, 400, "size", "multiple of 16"),
         ({"size": "8192x8192"}, 400, "size", "max_image_pixels"),

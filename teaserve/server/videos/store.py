@@ -84,8 +84,9 @@ class VideoRecord:
 _COLUMNS = ", ".join(spec.name for spec in fields(VideoRecord))
 
 
-class DataDirInUseError(RuntimeError):
-    """Another server holds the data directory."""
+class DataDirInUseError(ValueError):
+    """Another server holds the data directory: a setting this server cannot use (the command line says so in one
+    line)."""
 
 
 class VideoStore:
