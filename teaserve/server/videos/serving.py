@@ -31,7 +31,6 @@ from pydantic import ValidationError
 from ...engine import (
     AsyncEngine,
     GeneratedVideo,
-    ImageSource,
     InvalidImageError,
     InvalidParameterError,
     OmniDiffusionSamplingParams,
@@ -137,13 +136,11 @@ def data_url_bytes(url: str) -> bytes:
         raise InvalidImageError(f"input_reference image_url is not valid base64: {error}", "input_reference") from None
 
 
-def open_reference(reference: ImageSource | str, engine: AsyncEngine) -> list[Image.Image]:
-    """The decoded input image of an image-to-video request (blocking: decodes base64 and pixels)."""
+def open_reference(reference: BinaryIO | str, engine: AsyncEngine) -> list[Image.Image]:
+    """The decoded input image of an image-to-video request: an uploaded file, or the text of a data: URL (never a
+    path). Blocking: it decodes base64 and pixels."""
     source = data_url_bytes(reference) if isinstance(reference, str) else reference
-    try:
-        images, _ = engine.open_inputs([source], None)
-    except InvalidImageError as error:
-        raise InvalidImageError(str(error), "input_reference") from None
+    images, _ = engine.open_inputs([source], None)
     return images
 
 
@@ -247,7 +244,7 @@ class VideoServing:
         await asyncio.shield(job.stored)
         return self._answer(self._video(record))
 
-    async def _read_request(self, request: Request) -> tuple[VideoCreateRequest, ImageSource | str | None]:
+    async def _read_request(self, request: Request) -> tuple[VideoCreateRequest, BinaryIO | str | None]:
         """The body (multipart as the SDK sends it, a urlencoded form, or JSON) and the input reference: an
         uploaded file, or the text of a data: URL (decoded later, off the event loop)."""
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
