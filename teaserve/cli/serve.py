@@ -30,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
         max_body_bytes=int(args.max_body_mb * 1024 * 1024),
         body_timeout=args.body_timeout,
         stall_timeout=args.stall_timeout,
+        data_dir=args.data_dir,
     )
     logger.info(
         "serving %s (%s) with cache backend %s on http://%s:%d",
@@ -39,6 +40,9 @@ def run(args: argparse.Namespace) -> int:
         args.host,
         args.port,
     )
+    store = app.state.video_serving.store
+    if store is not None:
+        logger.info("video jobs and their files are kept in %s", store.data_dir)
     # SIGTERM / Ctrl-C drain the server (see GracefulServer); the app's lifespan then stops the engine.
     build_server(
         app, host=args.host, port=args.port, log_level=args.log_level, shutdown_grace=args.shutdown_grace
