@@ -1,6 +1,7 @@
 """CogVideoX text to video and image to video (1.0 and 1.5 layouts) end to end: frames, sizes, MP4s, the request
 rules, TeaCache with per-checkpoint coefficients, and the other cache methods."""
 
+import dataclasses
 import itertools
 from types import SimpleNamespace
 
@@ -10,7 +11,7 @@ import torch
 from PIL import Image
 
 from teaserve import Omni, OmniDiffusionSamplingParams
-from teaserve.cache import apply_teacache, cache_target_for, remove_teacache
+from teaserve.cache import TeaCacheConfig, apply_teacache, cache_target_for, remove_teacache
 from teaserve.engine import InvalidParameterError, decode_mp4
 from teaserve.pipelines import PipelineInputs, get_family, load_model
 from teaserve.pipelines.cogvideox import TEACACHE_COEFFICIENTS, checkpoint_name
@@ -186,6 +187,36 @@ def test_tea_cache_exact_when_never_skipping_and_first_last_only_when_huge(reque
     changes = [((now - then).abs().mean() / then.abs().mean()).item() for then, now in itertools.pairwise(embeddings)]
     first, *others = huge.metrics.cache["branches"]["cond_uncond"]["rel_l1"]
     assert first is None and others == pytest.approx(changes, rel=1e-5)
+
+
+@pytest.mark.parametrize("threshold", [0.6, 1.0])
+def test_tea_cache_plans_the_schedule_from_the_timesteps_as_the_online_rule_decides(threshold):
+    """CogVideoX's gate is the time embedding alone: the schedule is known before the first step, and equals what
+    the rule decides on each call's own gate."""
+    pipe = tiny_cogvideox_pipeline("t2v")
+    pipe.set_progress_bar_config(disable=True)
+    target = cache_target_for(pipe.transformer)
+    online_target = dataclasses.replace(target, timestep_gate=None, shortcut=None)
+    config = TeaCacheConfig(rel_l1_thresh=threshold, coefficients=(0.0, 0.0, 0.0, 1.0, 0.0))
+    results = []
+    for target_used, timesteps in ((target, lambda: pipe.scheduler.timesteps), (online_target, None)):
+        cache = apply_teacache(
+            pipe.transformer, config, target=target_used, num_inference_steps=STEPS, timesteps=timesteps
+        )
+        try:
+            video = pipe(
+                "a cat", negative_prompt="", guidance_scale=6.0, height=16, width=16, num_frames=9,
+                num_inference_steps=STEPS, max_sequence_length=16, generator=torch.Generator().manual_seed(0),
+            ).frames[0]  # fmt: skip
+            results.append((frames_of(video), cache.stats()["branches"]["cond_uncond"]))
+        finally:
+            remove_teacache(pipe.transformer)
+    (planned_frames, planned), (online_frames, online) = results
+    assert planned["planned_schedule"] == planned["schedule"] and online["planned_schedule"] is None
+    assert "S" in planned["schedule"] and "C" in planned["schedule"][1:-1]
+    for key in ("schedule", "rel_l1", "accumulated"):
+        assert planned[key] == online[key]
+    assert np.array_equal(planned_frames, online_frames)
 
 
 def test_tea_cache_coefficients_follow_the_checkpoint_config():

@@ -148,6 +148,8 @@ def test_bad_input_is_refused_by_a_replica_with_a_400_naming_the_parameter(ray_s
     assert card.id == "teaserve/shapes-qwen-image" and card.model_extra["default_size"] == "64x64"
     ready = httpx.get(f"{ray_server.url}/ready")
     assert ready.status_code == 200 and ready.json()["ready"] is True
+    videos = httpx.post(f"{ray_server.url}/v1/videos", json={"prompt": "a circle"})
+    assert videos.status_code == 501 and "one process" in videos.json()["error"]["message"]
 
 
 def stream_request(client: httpx.Client, seed: int, **extra) -> httpx.Response:

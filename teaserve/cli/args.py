@@ -9,6 +9,7 @@ from ..engine import EngineArgs, OmniDiffusionSamplingParams
 from ..engine.args import flag_of, json_object_arg
 from ..engine.params import parse_size, values_from_strings
 from ..evaluation.sweeps import CALIBRATION_STEPS, QUALITY_LEVELS_DB, Variant
+from ..server.videos.store import DATA_DIR_ENV
 
 PROFILE_AND_DEVICE = ("cache_profile", "device", "dtype")
 """The engine settings that bench reads (calibrate: the device ones)."""
@@ -96,6 +97,12 @@ def _add_serve(subparsers) -> None:
         type=float,
         default=30.0,
         help="seconds the running request may take to finish after SIGTERM (a second SIGTERM exits at once)",
+    )
+    serve.add_argument(
+        "--data-dir",
+        default=None,
+        help="where a video model keeps its jobs (videos.db) and their files, kept across restarts; one server per "
+        f"folder (default: ${DATA_DIR_ENV}, else $XDG_DATA_HOME/teaserve or ~/.local/share/teaserve)",
     )
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     EngineArgs.add_cli_args(serve)

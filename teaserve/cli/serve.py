@@ -25,6 +25,8 @@ def run(args: argparse.Namespace) -> int:
     )
     api_key = args.api_key or os.environ.get(API_KEY_ENV)
     if args.ray:
+        if args.data_dir is not None:
+            raise ValueError("--data-dir: video jobs need a server in one process (teaserve serve without --ray)")
         return serve_on_ray(args, api_key)
     given = [name for name in SCALE_FLAGS if getattr(args, name) is not None]
     if given:
@@ -38,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
         max_body_bytes=int(args.max_body_mb * 1024 * 1024),
         body_timeout=args.body_timeout,
         stall_timeout=args.stall_timeout,
+        data_dir=args.data_dir,
     )
     logger.info(
         "serving %s (%s) with cache backend %s on http://%s:%d",
@@ -47,6 +50,9 @@ def run(args: argparse.Namespace) -> int:
         args.host,
         args.port,
     )
+    store = app.state.video_serving.store
+    if store is not None:
+        logger.info("video jobs and their files are kept in %s", store.data_dir)
     # SIGTERM / Ctrl-C drain the server (see GracefulServer); the app's lifespan then stops the engine.
     build_server(
         app, host=args.host, port=args.port, log_level=args.log_level, shutdown_grace=args.shutdown_grace

@@ -25,6 +25,7 @@ class ServedModel:
     can_edit: bool
     max_input_images: int
     default_size: tuple[int, int]
+    makes_video: bool
 
     @classmethod
     def of(cls, model: LoadedModel) -> ServedModel:
@@ -35,6 +36,7 @@ class ServedModel:
             can_edit=model.family.can_edit,
             max_input_images=model.family.max_input_images,
             default_size=model.default_size,
+            makes_video=model.family.makes_video,
         )
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..cache import CacheBackend, row_group_label, stats_of_request
+from ..cache import CacheBackend, denoising_transformers, row_group_label, stats_of_request
 from ..pipelines import LoadedModel, ModelFamily, PipelineInputs, TextEmbedding
 from .prompt_cache import PromptEmbeddingCache
 from .request import GenerationRequest, ProgressEvent, RequestMetrics, RequestOutput
@@ -126,10 +126,10 @@ class ModelWorker:
         self._mask_pipeline: Any = None
         self._check_stop: StopCheck = _never_stop
         cache.apply(model.pipeline)
-        transformer = model.pipeline.transformer
-        transformer.register_forward_pre_hook(self._transformer_starts)
-        if profile:
-            transformer.register_forward_hook(self._transformer_ends)
+        for transformer in denoising_transformers(model.pipeline):
+            transformer.register_forward_pre_hook(self._transformer_starts)
+            if profile:
+                transformer.register_forward_hook(self._transformer_ends)
         for module in stoppable_modules(model.pipeline):
             module.register_forward_pre_hook(self._check_inside_step)
 

@@ -225,6 +225,14 @@ def cogvideox_gate(block: Any, arguments: dict[str, Any]) -> torch.Tensor:
     return arguments["temb"]
 
 
+def cogvideox_timestep_gate(transformer, timestep: torch.Tensor) -> torch.Tensor | None:
+    """`cogvideox_gate` of a call with `timestep`, computed as the forward computes it; None for CogVideoX1.5-I2V,
+    whose gate adds the embedding of another argument (ofs)."""
+    if transformer.ofs_embedding is not None:
+        return None
+    return transformer.time_embedding(transformer.time_proj(timestep).to(dtype=transformer.dtype), None)
+
+
 # TeaCache4CogVideoX1.5's coefficients (ali-vilab/TeaCache), by the checkpoint they were fitted on.
 TEACACHE_COEFFICIENTS = {
     "CogVideoX-2b": (-3.10658903e01, 2.54732368e01, -5.92380459e00, 1.75769064e00, -3.61568434e-03),
@@ -245,6 +253,7 @@ register_cache_target(
         blocks=lambda transformer: transformer.transformer_blocks,
         gate=cogvideox_gate,
         defaults=cogvideox_cache_defaults,
+        timestep_gate=cogvideox_timestep_gate,
     ),
 )
 

@@ -294,19 +294,28 @@ def _tiny_umt5_encoder():
     )
 
 
-WAN_KINDS = {"t2v": "WanPipeline"}
+WAN_KINDS = {
+    "t2v": "WanPipeline",
+    "i2v": "WanImageToVideoPipeline",
+    "t2v_a14b": "WanPipeline",
+    "i2v_a14b": "WanImageToVideoPipeline",
+}
+"""Wan2.1 text to video; Wan2.1 image to video (with a CLIP image encoder); Wan2.2 A14B text and image to video
+(two transformers, the second for the low-noise steps, no image encoder)."""
+WAN_BOUNDARY_RATIO = 0.875
+"""Where the tiny A14B pipelines switch transformers (Wan2.2 T2V A14B's own): at timestep 875, so that 4 steps
+give each transformer 2 with the tiny scheduler, and 8 steps 4."""
 
 
-def tiny_wan_components(*, seed: int = 0) -> dict:
-    """The components of a tiny Wan2.1 text-to-video pipeline (diffusers' fast-test sizes)."""
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+def _tiny_wan_transformer(*, image: bool, image_dim: int | None = None):
+    from diffusers import WanTransformer3DModel
 
-    torch.manual_seed(seed)
-    transformer = WanTransformer3DModel(
+    return WanTransformer3DModel(
         patch_size=(1, 2, 2),
         num_attention_heads=2,
         attention_head_dim=12,
-        in_channels=16,
+        # Image to video: the noise, then the encoded image video and its frame mask.
+        in_channels=36 if image else 16,
         out_channels=16,
         text_dim=32,
         freq_dim=256,
@@ -315,37 +324,66 @@ def tiny_wan_components(*, seed: int = 0) -> dict:
         cross_attn_norm=True,
         qk_norm="rms_norm_across_heads",
         rope_max_seq_len=32,
+        image_dim=image_dim,
     )
-    vae = AutoencoderKLWan(
-        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
-    )
-    text_encoder = _tiny_umt5_encoder()
-    _eval(transformer, vae, text_encoder)
-    return {
-        "transformer": transformer,
-        "vae": vae,
-        "scheduler": FlowMatchEulerDiscreteScheduler(shift=7.0),
-        "text_encoder": text_encoder,
-        "tokenizer": build_t5_tokenizer([TEST_WORDS]),
-    }
 
 
-def tiny_wan_pipeline(kind: str = "t2v", *, seed: int = 0):
-    """An in-memory tiny random Wan pipeline: kind "t2v" (WanPipeline)."""
-    import diffusers
+def tiny_wan_components(kind: str = "t2v", *, seed: int = 0) -> dict:
+    """The components of a tiny Wan pipeline of `kind` (see WAN_KINDS; diffusers' fast-test sizes)."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler
 
     if kind not in WAN_KINDS:
         raise ValueError(f"unknown kind {kind!r}; valid kinds: {', '.join(WAN_KINDS)}")
-    return getattr(diffusers, WAN_KINDS[kind])(**tiny_wan_components(seed=seed))
+    image, two_experts = kind.startswith("i2v"), kind.endswith("a14b")
+    torch.manual_seed(seed)
+    image_encoder_width = 4
+    components = {
+        "transformer": _tiny_wan_transformer(image=image, image_dim=image_encoder_width if kind == "i2v" else None),
+        "vae": AutoencoderKLWan(
+            base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+        ),
+        "scheduler": FlowMatchEulerDiscreteScheduler(shift=7.0),
+        "text_encoder": _tiny_umt5_encoder(),
+        "tokenizer": build_t5_tokenizer([TEST_WORDS]),
+    }
+    if kind == "i2v":
+        from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
+
+        components["image_encoder"] = CLIPVisionModel(
+            CLIPVisionConfig(
+                hidden_size=image_encoder_width,
+                projection_dim=image_encoder_width,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                image_size=32,
+                intermediate_size=16,
+                patch_size=1,
+            )
+        )
+        # The PIL processor: the default one needs torchvision.
+        components["image_processor"] = CLIPImageProcessorPil(crop_size=32, size=32)
+    if two_experts:
+        components["transformer_2"] = _tiny_wan_transformer(image=image)
+        components["boundary_ratio"] = WAN_BOUNDARY_RATIO
+    _eval(*(value for value in components.values() if isinstance(value, torch.nn.Module)))
+    return components
+
+
+def tiny_wan_pipeline(kind: str = "t2v", *, seed: int = 0):
+    """An in-memory tiny random Wan pipeline of `kind` (see WAN_KINDS)."""
+    import diffusers
+
+    components = tiny_wan_components(kind, seed=seed)
+    return getattr(diffusers, WAN_KINDS[kind])(**components)
 
 
 def build_tiny_wan(folder: str | Path, kind: str = "t2v", *, seed: int = 0) -> Path:
-    """Write a tiny random Wan pipeline (kind as `tiny_wan_pipeline`) to `folder`, with a profile of small defaults
-    (16x16, 9 frames, 4 steps), and return its path."""
+    """Write a tiny random Wan pipeline of `kind` (see WAN_KINDS) to `folder`, with a profile of small defaults
+    (16x16, 9 frames at 8 fps, 4 steps), and return its path."""
     folder = Path(folder)
     tiny_wan_pipeline(kind, seed=seed).save_pretrained(folder)
     defaults = {"width": 16, "height": 16, "num_inference_steps": 4, "num_frames": 9, "fps": 8}
-    write_profile(folder, served_model_name=f"teaserve/tiny-wan-{kind}", defaults=defaults)
+    write_profile(folder, served_model_name=f"teaserve/tiny-wan-{kind.replace('_', '-')}", defaults=defaults)
     return folder
 
 

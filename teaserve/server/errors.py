@@ -78,7 +78,9 @@ def error_response(
 
 
 def _validation_message(error: Mapping[str, Any]) -> tuple[str, str | None]:
-    location = [str(part) for part in error.get("loc", ()) if part != "body"]
+    location = [str(part) for part in error.get("loc", ())]
+    if location[:1] in (["body"], ["query"], ["path"]):  # where FastAPI found it; the parameter is what follows
+        location = location[1:]
     param = ".".join(location) or None
     if error.get("type") == "json_invalid":
         return f"the request body is not valid JSON: {error.get('ctx', {}).get('error', error.get('msg'))}", None
@@ -93,6 +95,9 @@ def _validation_message(error: Mapping[str, Any]) -> tuple[str, str | None]:
         return f"unknown parameter {param!r}", param
     if error.get("type") == "missing":
         return f"missing required parameter {param!r}", param
+    cause = error.get("ctx", {}).get("error")
+    if error.get("type") == "value_error" and isinstance(cause, ValueError):  # a validator's own message
+        return str(cause), param
     shown = repr(error.get("input"))
     shown = shown if len(shown) <= 80 else shown[:77] + "..."
     return f"{param}: {error.get('msg')} (got {shown})" if param else str(error.get("msg")), param

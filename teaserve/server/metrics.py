@@ -73,6 +73,13 @@ class ServerMetrics:
             buckets=BATCH_SIZE_BUCKETS,
             registry=self.registry,
         )
+        self.video_jobs = Counter(
+            "teaserve_video_jobs",
+            "Video jobs by how they ended: completed, failed (a previous run's unfinished jobs at start included), "
+            "cancelled (deleted before they ended)",
+            ["status"],
+            registry=self.registry,
+        )
         self._branches: set[str] = set()
         queue_depth = Gauge("teaserve_queue_depth", "Requests waiting for a model worker", registry=self.registry)
         queue_depth.set_function(lambda: engine.queue_depth)

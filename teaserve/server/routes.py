@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from .. import __version__
+from .errors import OpenAIError
 from .protocol import ModelCard, ModelList
 
 router = APIRouter()
@@ -67,3 +68,18 @@ async def metrics(request: Request) -> Response:
     registry = request.app.state.metrics
     # Rendering walks every series: keep it off the event loop.
     return Response(await asyncio.to_thread(registry.render), media_type=registry.content_type)
+
+
+videos_elsewhere_router = APIRouter(include_in_schema=False)
+"""/v1/videos of a server whose engines run in other processes."""
+
+
+@videos_elsewhere_router.api_route("/v1/videos", methods=["GET", "POST"])
+@videos_elsewhere_router.api_route("/v1/videos/{path:path}", methods=["GET", "POST", "DELETE"])
+async def videos_need_one_process() -> Response:
+    raise OpenAIError(
+        501,
+        "video jobs are kept by a server in one process (teaserve serve without --ray), next to the engine that runs "
+        "them; this server's engines run in other processes",
+        code="not_implemented",
+    )
