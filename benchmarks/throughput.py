@@ -470,6 +470,7 @@ def report(
         status = 1
     document["elapsed_seconds"] = time.perf_counter() - started
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(document, indent=2) + "\n")
     if "modes" in document:
         print(table(document))

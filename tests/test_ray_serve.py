@@ -12,6 +12,7 @@ import signal
 import socket
 import tempfile
 import threading
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -241,3 +242,19 @@ def test_serve_options_of_the_engine_replicas():
         "max_replicas": 8,
         "target_ongoing_requests": EngineArgs().max_batch_size,
     }
+
+
+def test_the_documented_config_file_is_a_serve_config_of_valid_teaserve_settings():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from teaserve.scale.settings import ScaleSettings
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "scale-out.md").read_text()
+    config = ServeDeploySchema.model_validate(yaml.safe_load(text.split("```yaml\n")[1].split("```")[0]))
+    (app,) = config.applications
+    assert app.import_path == "teaserve.scale.app:application"
+    assert [deployment.name for deployment in app.deployments] == ["Engine"]
+    settings = ScaleSettings.from_options(app.args)
+    assert settings.autoscaling and (settings.min_replicas, settings.max_replicas) == (2, 8)
+    assert settings.engine.cache_config == {"rel_l1_thresh": 0.2} and settings.engine.request_timeout == 600

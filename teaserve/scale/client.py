@@ -22,6 +22,7 @@ import contextlib
 import logging
 import math
 import time
+import weakref
 from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -111,7 +112,8 @@ class RayEngineClient:
         self._accepting = True
         self._stopped = False
         self._waiting = 0
-        self._running: dict[str, RayGeneration] = {}
+        self._running: weakref.WeakValueDictionary[str, RayGeneration] = weakref.WeakValueDictionary()
+        """The generations replicas have taken and not ended; one dropped unread ends when it is collected."""
         self._seconds_per_request = 1.0
         self._follower: asyncio.Task[None] | None = None
 
@@ -187,7 +189,7 @@ class RayEngineClient:
         """None while a live replica is idle; else the least time since a replica's request advanced (so that
         only replicas all stuck count as stalled)."""
         busy = self._busy_since()
-        return min(busy)[0] if busy else None
+        return min(seconds for seconds, _ in busy) if busy else None
 
     @property
     def running_request_id(self) -> str | None:
@@ -229,7 +231,7 @@ class RayEngineClient:
             self._waiting + len(self._running)
             >= self.replica_capacity * len(self.live_replicas()) + self.max_queue_size
         ):
-            raise QueueFullError(self._busy_message(), retry_after=self._retry_after())
+            raise self._busy()
         request_id = request_id or new_request_id()
         stream: DeploymentResponseGenerator = self._engine.run.remote(
             prompt, params, num_previews=num_previews, request_id=request_id, progress=progress
@@ -238,9 +240,9 @@ class RayEngineClient:
         try:
             first = await anext(stream)
         except BackPressureError:
-            raise QueueFullError(self._busy_message(), retry_after=self._retry_after()) from None
+            raise self._busy() from None
         except RayActorError:
-            raise WorkerLostError(f"the replica that took request {request_id} stopped") from None
+            raise WorkerLostError(f"the replica chosen for request {request_id} stopped before taking it") from None
         except BaseException:
             stream.cancel()
             raise
@@ -252,14 +254,13 @@ class RayEngineClient:
         self._running[request_id] = generation
         return generation
 
-    def _retry_after(self) -> int:
+    def _busy(self) -> QueueFullError:
         replicas = max(1, len(self.live_replicas()))
-        return max(1, math.ceil(self._seconds_per_request * (self._waiting + 1) / replicas))
-
-    def _busy_message(self) -> str:
-        return (
+        retry_after = max(1, math.ceil(self._seconds_per_request * (self._waiting + 1) / replicas))
+        return QueueFullError(
             f"the server is busy: every replica is busy and {self.max_queue_size} requests are already waiting; "
-            f"retry in {self._retry_after()} s"
+            f"retry in {retry_after} s",
+            retry_after=retry_after,
         )
 
     def record_end(self, generation: RayGeneration, seconds: float | None) -> None:
@@ -292,7 +293,7 @@ class RayGeneration:
     def __init__(self, client: RayEngineClient, admitted: Admitted, stream: DeploymentResponseGenerator):
         self._client, self._admitted, self._stream = client, admitted, stream
         self._started = time.monotonic()
-        self._ended = False
+        self._unread = weakref.finalize(self, stream.cancel)  # dropped before it ended: free its replica
 
     @property
     def request_id(self) -> str:
@@ -338,9 +339,8 @@ class RayGeneration:
         self._end(cancel=True)
 
     def _end(self, *, cancel: bool, seconds: float | None = None) -> None:
-        if self._ended:
+        if not self._unread.detach():  # ended already
             return
-        self._ended = True
         if cancel:
             self._stream.cancel()
         self._client.record_end(self, seconds)
