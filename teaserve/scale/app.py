@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -40,7 +40,8 @@ from ..engine import (
 )
 from ..server import build_app
 from ..server.middleware import API_KEY_ENV
-from .client import REPORT_INTERVAL, STALE_AFTER, Admitted, RayEngineClient, ReplicaCollector, ReplicaReport
+from .board import REPORT_INTERVAL, ReplicaBoard
+from .client import Admitted, RayEngineClient, ReplicaCollector, ReplicaReport
 from .settings import ScaleSettings
 
 logger = logging.getLogger(__name__)
@@ -123,7 +124,7 @@ class Engine:
     async def _report_forever(self) -> None:
         while True:
             try:
-                await self.board.report.remote(self.report())
+                await self.board.report.remote(dataclasses.asdict(self.report()))
             except Exception as error:  # the board restarts with Serve; the next report goes through
                 logger.warning("replica %s could not report to the board: %s", self.replica, error)
             await asyncio.sleep(REPORT_INTERVAL)
@@ -131,22 +132,6 @@ class Engine:
     def __del__(self) -> None:
         self.reporter.cancel()
         self.engine.shutdown(wait=False)
-
-
-class ReplicaBoard:
-    """The latest report of every Engine replica heard from lately."""
-
-    def __init__(self) -> None:
-        self._reports: dict[str, tuple[ReplicaReport, float]] = {}
-
-    async def report(self, report: ReplicaReport) -> None:
-        self._reports[report.replica] = (report, time.monotonic())
-
-    async def reports(self) -> dict[str, tuple[ReplicaReport, float]]:
-        """Replica -> (its last report, that report's age in seconds); replicas silent for long are forgotten."""
-        now = time.monotonic()
-        self._reports = {replica: entry for replica, entry in self._reports.items() if now - entry[1] < STALE_AFTER}
-        return {replica: (report, now - made) for replica, (report, made) in self._reports.items()}
 
 
 class Ingress:

@@ -46,13 +46,10 @@ from ..engine import (
     WorkerLostError,
 )
 from ..engine.request import new_request_id
+from .board import REPORT_INTERVAL, STALE_AFTER
 
 logger = logging.getLogger(__name__)
 
-REPORT_INTERVAL = 1.0
-"""Seconds between a replica's reports to the board, and between the client's reads of it."""
-STALE_AFTER = 3 * REPORT_INTERVAL
-"""A replica not heard from for this long is no longer counted live."""
 CONNECT_TIMEOUT = 600.0
 """Seconds the ingress waits at start for a first replica to report (its model may be downloading)."""
 
@@ -85,6 +82,12 @@ class ReplicaReport:
     """Requests the replica has answered with an output."""
     prompt_cache_hits: int
     prompt_cache_misses: int
+
+    @classmethod
+    def from_dict(cls, report: dict[str, Any]) -> ReplicaReport:
+        """The report as `dataclasses.asdict` gave it to the board."""
+        model = report["served_model"]
+        return cls(**{**report, "served_model": ServedModel(**{**model, "default_size": tuple(model["default_size"])})})
 
 
 @dataclass(frozen=True)
@@ -129,14 +132,16 @@ class RayEngineClient:
 
     async def read_board(self) -> None:
         try:
-            reports: dict[str, tuple[ReplicaReport, float]] = await self._board.reports.remote()
+            reports: dict[str, tuple[dict[str, Any], float]] = await self._board.reports.remote()
         except Exception as error:  # the board restarts with Serve; the reports it had age meanwhile
             logger.warning("could not read the replica board: %s", error)
             return
         now = time.monotonic()
-        self._reports = {replica: (report, now - age) for replica, (report, age) in reports.items()}
-        if self._served_model is None and reports:
-            self._served_model = next(iter(reports.values()))[0].served_model
+        self._reports = {
+            replica: (ReplicaReport.from_dict(report), now - age) for replica, (report, age) in reports.items()
+        }
+        if self._served_model is None and self._reports:
+            self._served_model = next(iter(self._reports.values()))[0].served_model
 
     async def _follow_board(self) -> None:
         while True:
