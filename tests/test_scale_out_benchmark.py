@@ -20,6 +20,7 @@ SMOKE_CONCURRENCY = [1, 2]
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray Serve is not installed (teaserve[ray])"),
     pytest.mark.slow,
+    pytest.mark.timeout(900),  # two Ray instances start in turn: more than the suite's default per test
 ]
 
 
