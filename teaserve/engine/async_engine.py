@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from ..cache import CACHE_BACKEND_ENV, CACHE_BACKENDS, CacheBackend, resolve_backend_name
 from ..cache.base import QUALITY_TARGET, check_quality_target
-from ..pipelines import LoadedModel, architectures_with_knob, editing_architectures, load_model
+from ..pipelines import KnobValueError, LoadedModel, architectures_with_knob, editing_architectures, load_model
 from .args import EngineArgs
 from .cache_profile import CacheProfile
 from .client import ServedModel
@@ -302,9 +302,14 @@ class AsyncEngine:
         if family.knobs is None:
             return {}
         try:
-            return family.knobs.model_validate({**self.model.knob_defaults, **values}).model_dump()
+            knobs = family.knobs.model_validate({**self.model.knob_defaults, **values}).model_dump()
         except ValidationError as error:
             raise parameter_error(error, family.knobs) from None
+        try:
+            family.check_knobs(self.model.pipeline, knobs)
+        except KnobValueError as error:
+            raise InvalidParameterError(str(error), error.name) from None
+        return knobs
 
     def output_size(
         self, params: OmniDiffusionSamplingParams, images: list[Image.Image], masked: bool, knobs: dict[str, Any]

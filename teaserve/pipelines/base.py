@@ -72,6 +72,15 @@ BatchStepCallback = Callable[[int, torch.Tensor], None]
 """Called after each step of a batched run with the step index and the latents of every output row."""
 
 
+class KnobValueError(ValueError):
+    """A model-only parameter's value that the loaded checkpoint cannot take (`ModelFamily.check_knobs`)."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(message)
+        self.name = name
+        """The parameter."""
+
+
 class ModelKnobs(BaseModel):
     """Base of a family's model-only request parameters (e.g. how many layers to decompose an image into).
 
@@ -239,6 +248,10 @@ class ModelFamily:
         if images and self.task == "image-edit":
             return self.edit_size(pipe, images[0], max_pixels)
         return default
+
+    def check_knobs(self, pipe, knobs: dict[str, Any]) -> None:
+        """Raise a KnobValueError for model-only parameters (valid for the family) that the loaded checkpoint cannot
+        take."""
 
     def images_per_output(self, knobs: dict[str, Any]) -> int:
         """Images a pipeline call makes per requested output (the engine bounds their pixels per request): a video

@@ -12,7 +12,16 @@ from PIL import Image
 from pydantic import Field
 
 from ..cache import CacheTarget, register_cache_target
-from .base import MAX_FRAMES, GenerationDefaults, ModelFamily, PipelineInputs, Task, TextEmbedding, VideoKnobs
+from .base import (
+    MAX_FRAMES,
+    GenerationDefaults,
+    KnobValueError,
+    ModelFamily,
+    PipelineInputs,
+    Task,
+    TextEmbedding,
+    VideoKnobs,
+)
 from .registry import register_family
 
 V15_FRAMES, V15_FPS = 81, 16
@@ -109,13 +118,14 @@ class CogVideoX(ModelFamily):
                 f"ends there), got {width}x{height}"
             )
 
-    def check_frame_count(self, pipe, num_frames: int) -> None:
-        config = pipe.transformer.config
+    def check_knobs(self, pipe, knobs: dict[str, Any]) -> None:
+        config, num_frames = pipe.transformer.config, knobs["num_frames"]
         if config.use_learned_positional_embeddings and num_frames != config.sample_frames:
-            raise ValueError(
+            raise KnobValueError(
+                "num_frames",
                 f"num_frames must be {config.sample_frames} for this checkpoint: its positional embeddings are learned "
                 f"for {config.sample_frames} frames, and for other counts diffusers replaces them with sinusoidal "
-                f"ones it was not trained with; got {num_frames}"
+                f"ones it was not trained with; got {num_frames}",
             )
 
     def image_size(self, pipe, image: Image.Image, default: tuple[int, int]) -> tuple[int, int]:
@@ -132,8 +142,6 @@ class CogVideoX(ModelFamily):
         return (long, short) if image.width >= image.height else (short, long)
 
     def output_size(self, pipe, requested, images, *, masked, knobs, default, max_pixels):
-        # Where the engine resolves a request against the loaded checkpoint: its frame count is checked here too.
-        self.check_frame_count(pipe, knobs["num_frames"])
         size = requested or (self.image_size(pipe, images[0], default) if images else default)
         self.check_size(pipe, *size)  # also a default size from the model folder's teaserve.json
         return size
