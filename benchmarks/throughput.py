@@ -41,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,7 @@ SMOKE_REQUESTS, SMOKE_CONCURRENCY, SMOKE_STEPS = 4, (1, 2), 2
 @dataclass(frozen=True)
 class Mode:
     name: str
+    label: str
     server_flags: tuple[str, ...]
 
 
@@ -92,7 +94,7 @@ class Level:
 
 
 def log(message: str) -> None:
-    print(f"[throughput] {message}", file=sys.stderr, flush=True)
+    print(f"[{Path(sys.argv[0]).stem}] {message}", file=sys.stderr, flush=True)  # this script, or one using it
 
 
 def free_port() -> int:
@@ -244,14 +246,16 @@ async def measure_mode(server: Server, workload: Workload, timeout: float) -> li
         return levels
 
 
-def identity(results: dict[str, list[Level]], tolerance: int) -> dict[str, Any]:
-    """Every image against the solo reference image of the same request."""
-    reference_mode, reference_concurrency = REFERENCE
+def identity(
+    results: dict[str, list[Level]], tolerance: int, reference_level: tuple[str, int] = REFERENCE
+) -> dict[str, Any]:
+    """Every image against the solo reference image of the same request ((mode, concurrency) `reference_level`)."""
+    reference_mode, reference_concurrency = reference_level
     (reference,) = [level for level in results[reference_mode] if level.concurrency == reference_concurrency]
     per_level: list[dict[str, Any]] = []
     for mode, levels in results.items():
         for level in levels:
-            if (mode, level.concurrency) == REFERENCE:
+            if (mode, level.concurrency) == reference_level:
                 continue
             differences = [
                 int(np.abs(image.astype(np.int16) - reference.images[index].astype(np.int16)).max())
@@ -277,35 +281,39 @@ def identity(results: dict[str, list[Level]], tolerance: int) -> dict[str, Any]:
     }
 
 
-def speedups(modes: dict[str, Any]) -> list[dict[str, Any]]:
-    """Requests per second with batching on over off, at each concurrency."""
-    off = {level["concurrency"]: level for level in modes["off"]["levels"]}
+def speedups(modes: dict[str, Any], base: str = "off", other: str = "on") -> list[dict[str, Any]]:
+    """Requests per second of mode `other` over mode `base` (batching on over off), at each concurrency."""
+    off = {level["concurrency"]: level for level in modes[base]["levels"]}
     return [
         {
             "concurrency": level["concurrency"],
             "speedup": level["requests_per_second"] / off_level["requests_per_second"],
         }
-        for level in modes["on"]["levels"]
+        for level in modes[other]["levels"]
         if (off_level := off.get(level["concurrency"]))
     ]
 
 
-def format_table(document: dict[str, Any]) -> str:
+def format_table(
+    document: dict[str, Any], faster: str = "on", ratio: str = "on/off", reference: str = "batching off at 1 client"
+) -> str:
+    """The levels of every mode, with the `faster` mode's speedup in column `ratio`, and the identity check."""
     speedup = {row["concurrency"]: row["speedup"] for row in document.get("speedup", [])}
     lines = [
-        f"{'mode':<14} {'clients':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'on/off':>7}",
+        f"{'mode':<14} {'clients':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {ratio:>7}",
     ]
     for name, mode in document["modes"].items():
         for level in mode.get("levels", []):
-            ratio = f"{speedup[level['concurrency']]:.2f}x" if name == "on" and level["concurrency"] in speedup else ""
+            measured = speedup.get(level["concurrency"]) if name == faster else None
+            shown = f"{measured:.2f}x" if measured is not None else ""
             lines.append(
                 f"{mode['label']:<14} {level['concurrency']:>7} {level['requests_per_second']:>8.2f} "
-                f"{level['p50_ms']:>8.0f} {level['p99_ms']:>8.0f} {ratio:>7}"
+                f"{level['p50_ms']:>8.0f} {level['p99_ms']:>8.0f} {shown:>7}"
             )
     if "identity" in document:
         check = document["identity"]
         lines.append(
-            f"\nidentity against batching off at 1 client: {check['images']} images, largest pixel difference "
+            f"\nidentity against {reference}: {check['images']} images, largest pixel difference "
             f"{check['max_abs_diff']}, {check['over_tolerance']} over {check['tolerance']}"
         )
     return "\n".join(lines)
@@ -329,21 +337,35 @@ def server_arguments(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace, document: dict[str, Any]) -> None:
     """Fills `document` as it goes: what was measured before an error stays in it."""
     modes = [
-        Mode("off", ("--max-batch-size", "1")),
-        Mode("on", ("--max-batch-size", str(args.max_batch_size), "--batch-wait-ms", str(args.batch_wait_ms))),
+        Mode("off", "batching off", ("--max-batch-size", "1")),
+        Mode(
+            "on",
+            "batching on",
+            ("--max-batch-size", str(args.max_batch_size), "--batch-wait-ms", str(args.batch_wait_ms)),
+        ),
     ]
     environment = dict(os.environ)
     if args.torch_threads is not None:
         environment["OMP_NUM_THREADS"] = str(args.torch_threads)  # torch's intra-op threads at start-up
-    document["smoke"] = args.smoke
     document["server"] = {"arguments": server_arguments(args), "torch_threads": args.torch_threads or "default"}
+    results = measure_modes(args, modes, environment, document)
+    document["speedup"] = speedups(document["modes"])
+    document["identity"] = identity(results, args.tolerance)
+
+
+def measure_modes(
+    args: argparse.Namespace, modes: list[Mode], environment: dict[str, str], document: dict[str, Any]
+) -> dict[str, list[Level]]:
+    """One server per mode, in turn (`server_arguments` plus the mode's flags): started, measured at every level
+    and stopped. Fills document["modes"] (and "smoke", "workload") as it goes."""
+    document["smoke"] = args.smoke
     document["modes"] = {}
     results: dict[str, list[Level]] = {}
     workload: Workload | None = None
     with tempfile.TemporaryDirectory() as folder:
         for mode in modes:
-            log(f"batching {mode.name}: starting `teaserve serve {' '.join(mode.server_flags)}`")
-            record: dict[str, Any] = {"label": f"batching {mode.name}", "server_flags": list(mode.server_flags)}
+            log(f"{mode.label}: starting `teaserve serve {' '.join(mode.server_flags)}`")
+            record: dict[str, Any] = {"label": mode.label, "server_flags": list(mode.server_flags)}
             document["modes"][mode.name] = record
             started = time.perf_counter()
             server = Server(
@@ -359,8 +381,7 @@ def run(args: argparse.Namespace, document: dict[str, Any]) -> None:
                 record["levels"] = [level.summary() for level in results[mode.name]]
             finally:
                 record["exit_status"] = server.stop()
-    document["speedup"] = speedups(document["modes"])
-    document["identity"] = identity(results, args.tolerance)
+    return results
 
 
 def build_workload(args: argparse.Namespace, card: dict[str, Any]) -> Workload:
@@ -431,24 +452,34 @@ def error_text(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def report(
+    args: argparse.Namespace,
+    measure: Callable[[argparse.Namespace, dict[str, Any]], None],
+    table: Callable[[dict[str, Any]], str],
+) -> int:
+    """Run `measure`, which fills a document as it goes; write the document to --json, print `table` of it.
+    Returns 1 when the measurement failed (its error is in the document, with what was measured before it)."""
     started = time.perf_counter()
     document: dict[str, Any] = {}
     status = 0
     try:
-        run(args, document)
-    except Exception as error:  # reported in the document, with what was measured before it
+        measure(args, document)
+    except Exception as error:
         document["error"] = error_text(error)
         log(document["error"])
         status = 1
     document["elapsed_seconds"] = time.perf_counter() - started
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(document, indent=2) + "\n")
     if "modes" in document:
-        print(format_table(document))
+        print(table(document))
     print(f"elapsed: {document['elapsed_seconds']:.0f} s")
     return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    return report(parse_args(argv), run, format_table)
 
 
 if __name__ == "__main__":

@@ -154,3 +154,74 @@ def tiny_kontext(tmp_path_factory):
     from teaserve.pipelines.testing import build_tiny_flux
 
     return build_tiny_flux(tmp_path_factory.mktemp("tiny-kontext"), kind="kontext")
+
+
+SERVE_WITH_HELD_STEPS = """
+import os, sys, time, torch
+from teaserve.cli.main import main
+
+hold = sys.argv[1]
+
+def hold_the_transformer(module, args):
+    if type(module).__name__.endswith(("Transformer2DModel", "Transformer3DModel")):
+        while os.path.exists(hold):
+            time.sleep(0.01)
+
+torch.nn.modules.module.register_module_forward_pre_hook(hold_the_transformer)
+sys.exit(main(["serve", *sys.argv[2:]]))
+"""
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class HeldServer:
+    """`teaserve serve MODEL FLAGS` in a subprocess on a free port: the CLI's own `main` with one addition, a global
+    forward pre-hook that holds every transformer call while the file `hold` exists, so that "a generation is
+    running" lasts exactly as long as a test needs. `held`: whether the file exists from the start."""
+
+    def __init__(self, model, folder, *flags, held=True):
+        import subprocess
+        import sys
+
+        port, self.hold, self.log = free_port(), folder / "hold", folder / "serve.log"
+        if held:
+            self.hold.touch()
+        self.url = f"http://127.0.0.1:{port}"
+        command = [sys.executable, "-c", SERVE_WITH_HELD_STEPS, str(self.hold), str(model), *flags]
+        with self.log.open("w") as output:
+            self.process = subprocess.Popen(
+                [*command, "--host", "127.0.0.1", "--port", str(port), "--log-level", "info"],
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
+
+    def wait_ready(self):
+        import contextlib
+
+        import httpx
+
+        def ready():
+            assert self.process.poll() is None, self.log.read_text()
+            with contextlib.suppress(httpx.TransportError):
+                return httpx.get(f"{self.url}/ready").status_code == 200
+            return False
+
+        wait_until(ready, timeout=180)
+        return self
+
+    def client(self):
+        import openai
+
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="none", max_retries=0)
+
+    def stop(self):
+        self.hold.unlink(missing_ok=True)
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=30)

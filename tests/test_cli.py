@@ -119,3 +119,64 @@ def test_serve_refuses_bad_cache_config_in_one_line():
         assert result.returncode == 2
         last = result.stderr.strip().splitlines()[-1]
         assert message in last, result.stderr
+
+
+def test_generate_on_a_video_model_writes_an_mp4_of_the_asked_frames(tmp_path):
+    from teaserve.engine import decode_mp4
+    from teaserve.pipelines.testing import build_tiny_wan
+
+    model = build_tiny_wan(tmp_path / "wan")
+    out = tmp_path / "clip.mp4"
+    result = run_cli("generate", str(model), "a red ball", "-o", str(out), "--num-frames", "5", "--fps", "4")
+    assert result.returncode == 0, result.stderr
+    assert f"saved {out} (16x16, 5 frames at 4 fps)" in result.stdout
+    frames, fps = decode_mp4(out.read_bytes())
+    assert (len(frames), frames[0].size, fps) == (5, (16, 16), 4)
+
+    result = run_cli("generate", str(model), "a red ball", "-o", str(tmp_path / "clip.png"))
+    assert result.returncode == 2
+    assert "this model makes videos: -o must end in .mp4, .gif, .webp" in result.stderr
+    result = run_cli("generate", str(model), "a red ball", "--num-frames", "6", "-o", str(out))
+    assert result.returncode == 2
+    assert "num_frames must be 1" in result.stderr.strip().splitlines()[-1]
+
+
+def test_serve_ray_without_ray_installed_names_the_extra(monkeypatch, capsys):
+    from teaserve.cli.main import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if the extra were not installed
+    assert main(["serve", "--ray", "--replicas", "2"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "teaserve serve: error: --ray needs Ray Serve, an optional extra of teaserve: pip install 'teaserve[ray]'"
+    )
+    assert main(["serve", "--replicas", "2"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "teaserve serve: error: --replicas needs --ray"
+
+
+def test_serve_config_args_are_the_serve_flags_read_as_on_the_command_line():
+    import pytest
+
+    from teaserve.scale.settings import ScaleSettings
+
+    settings = ScaleSettings.from_options(
+        {
+            "model": "org/model",
+            "max_replicas": "4",  # `serve run ... max_replicas=4` gives text
+            "cache_config": '{"rel_l1_thresh": 0.3}',
+            "request_timeout": "0",
+            "max_queue_size": 4,  # a config file gives typed values
+            "replica_gpus": 0.5,
+        }
+    )
+    assert settings.autoscaling and (settings.min_replicas, settings.max_replicas) == (None, 4)
+    assert settings.engine.model == "org/model" and settings.engine.cache_config == {"rel_l1_thresh": 0.3}
+    assert settings.engine.request_timeout is None and settings.engine.max_queue_size == 4
+    assert settings.replica_gpus == 0.5 and settings.torch_threads == 1
+    with pytest.raises(ValueError, match=r"unknown teaserve setting 'replica'; valid settings: api_key, "):
+        ScaleSettings.from_options({"replica": 2})
+    with pytest.raises(ValueError, match=r"min_replicas <= replicas <= max_replicas, got 1 <= 5 <= 4"):
+        ScaleSettings.from_options({"replicas": 5, "max_replicas": 4})
+    with pytest.raises(ValueError, match=r"autoscaling needs max_replicas \(--max-replicas\) too"):
+        ScaleSettings.from_options({"min_replicas": 2})
+    with pytest.raises(ValueError, match=r"max_queue_size \(--max-queue-size\): invalid literal"):
+        ScaleSettings.from_options({"max_queue_size": "many"})

@@ -232,3 +232,15 @@ def test_bad_device_and_dtype_name_the_choices():
         resolve_dtype("float8", resolve_device("cpu"))
     with pytest.raises(ValueError, match="valid examples: auto, cpu, cuda"):
         resolve_device("tpu")
+
+
+def test_engine_errors_cross_processes_with_their_fields():
+    import pickle
+
+    from teaserve.engine import InvalidImageError, QueueFullError, WorkerLostError
+
+    mask = pickle.loads(pickle.dumps(InvalidImageError("the mask is not an image", "mask")))
+    assert type(mask) is InvalidImageError and (str(mask), mask.param) == ("the mask is not an image", "mask")
+    busy = pickle.loads(pickle.dumps(QueueFullError("busy", retry_after=7)))
+    assert (str(busy), busy.retry_after) == ("busy", 7)
+    assert str(pickle.loads(pickle.dumps(WorkerLostError("gone")))) == "gone"

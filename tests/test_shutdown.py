@@ -1,76 +1,17 @@
-"""Graceful shutdown: SIGTERM on a real `teaserve serve` process, and the end of the grace period in process.
-
-The subprocess runs the CLI's own `main` with one addition: a global forward pre-hook that holds every
-transformer call while a file exists, so that "a generation is running" lasts exactly as long as the test needs.
-"""
+"""Graceful shutdown: SIGTERM on a real `teaserve serve` process (conftest's HeldServer, whose transformer calls
+wait while a file exists), and the end of the grace period in process."""
 
 import asyncio
-import contextlib
 import json
 import signal
-import socket
-import subprocess
-import sys
 import threading
 
 import httpx
 import pytest
-from conftest import RunningServer, decode_b64_image, wait_until
+from conftest import HeldServer, RunningServer, decode_b64_image, wait_until
 
 from teaserve.engine import AsyncEngine, EngineStoppedError, OmniDiffusionSamplingParams
 from teaserve.server import build_app
-
-SERVE_WITH_HELD_STEPS = """
-import os, sys, time, torch
-from teaserve.cli.main import main
-
-hold = sys.argv[1]
-
-def hold_the_transformer(module, args):
-    if type(module).__name__.endswith("Transformer2DModel"):
-        while os.path.exists(hold):
-            time.sleep(0.01)
-
-torch.nn.modules.module.register_module_forward_pre_hook(hold_the_transformer)
-sys.exit(main(["serve", *sys.argv[2:]]))
-"""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class HeldServer:
-    """`teaserve serve MODEL FLAGS` in a subprocess on a free port; its transformer waits while `hold` exists."""
-
-    def __init__(self, model, folder, *flags):
-        port, self.hold, self.log = free_port(), folder / "hold", folder / "serve.log"
-        self.hold.touch()
-        self.url = f"http://127.0.0.1:{port}"
-        command = [sys.executable, "-c", SERVE_WITH_HELD_STEPS, str(self.hold), str(model), *flags]
-        with self.log.open("w") as output:
-            self.process = subprocess.Popen(
-                [*command, "--host", "127.0.0.1", "--port", str(port), "--log-level", "info"],
-                stdout=output,
-                stderr=subprocess.STDOUT,
-            )
-
-    def wait_ready(self):
-        def ready():
-            assert self.process.poll() is None, self.log.read_text()
-            with contextlib.suppress(httpx.TransportError):
-                return httpx.get(f"{self.url}/ready").status_code == 200
-            return False
-
-        wait_until(ready, timeout=180)
-
-    def stop(self):
-        self.hold.unlink(missing_ok=True)
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -24,9 +24,24 @@ from .calibration import GateRecorder, record_gate_changes
 from .first_block_cache import FirstBlockCacheBackend
 from .learned import ForecastCalibrator, LearnedCacheBackend, LearnedCacheConfig
 from .mag_cache import MagCacheBackend, MagRatioCalibrator
-from .targets import CacheTarget, StackShortcut, cache_target_for, register_cache_target, registered_transformers
+from .targets import (
+    CacheTarget,
+    StackShortcut,
+    cache_target_for,
+    denoising_transformers,
+    register_cache_target,
+    registered_transformers,
+)
 from .taylorseer import TaylorSeerBackend
-from .teacache import Rescaling, TeaCache, TeaCacheBackend, TeaCacheConfig, apply_teacache, remove_teacache
+from .teacache import (
+    Rescaling,
+    TeaCache,
+    TeaCacheBackend,
+    TeaCacheConfig,
+    apply_teacache,
+    plan_schedule,
+    remove_teacache,
+)
 
 CACHE_BACKEND_ENV = "DIFFUSION_CACHE_BACKEND"
 
@@ -84,8 +99,10 @@ __all__ = [
     "cache_backend_names",
     "cache_target_for",
     "create_cache_backend",
+    "denoising_transformers",
     "parse_config",
     "parse_config_json",
+    "plan_schedule",
     "record_gate_changes",
     "register_cache_target",
     "registered_transformers",

@@ -32,7 +32,15 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
 from .base import CacheBackend, is_number, parse_config, short_repr
-from .targets import BlockIO, CacheTarget, CallOrderBranches, StackBranchStats, cache_target_for, context_is_set
+from .targets import (
+    BlockIO,
+    CacheTarget,
+    CallOrderBranches,
+    StackBranchStats,
+    cache_target_for,
+    context_is_set,
+    only_transformer,
+)
 
 NAME = "cache_dit"
 INSTALL_HINT = "pip install 'teaserve[cache-dit]'"
@@ -414,7 +422,7 @@ class CacheDiTBackend(CacheBackend):
         self.config = config
 
     def apply(self, pipeline) -> None:
-        self._cache = apply_cache_dit(pipeline.transformer, self.config)
+        self._cache = apply_cache_dit(only_transformer(pipeline, self.name), self.config)
 
     def remove(self, pipeline) -> None:
         if self._cache is not None:

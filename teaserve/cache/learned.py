@@ -37,7 +37,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
 from .base import ROWS_CONTEXT, CacheBackend, Calibrator, contiguous_groups, is_number, parse_config, short_repr
-from .targets import CacheTarget, CallOrderBranches, cache_target_for
+from .targets import CacheTarget, CallOrderBranches, cache_target_for, only_transformer
 
 NAME = "learned"
 FORECAST_HOOK = "teaserve_learned_forecast"
@@ -307,7 +307,7 @@ class LearnedCacheBackend(CacheBackend):
         self.config = parse_config(LearnedCacheConfig, settings, what=NAME)
 
     def apply(self, pipeline) -> None:
-        transformer = pipeline.transformer
+        transformer = only_transformer(pipeline, self.name)
         if HookRegistry.check_if_exists_or_initialize(transformer).get_hook(FORECAST_HOOK) is not None:
             raise ValueError("the learned cache is already applied to this transformer")
         state_manager = StateManager(ForecastState)

@@ -95,7 +95,7 @@ def target_ratios(settings: MagCacheSettings, target: CacheTarget, transformer: 
     """The settings' ratios, else the ones the transformer's target recommends."""
     if settings.mag_ratios is not None:
         return tuple(settings.mag_ratios)
-    recommended = target.defaults.get(NAME, {})
+    recommended = target.recommended(transformer, NAME)
     if "mag_ratios" not in recommended:
         raise ValueError(
             f"{NAME} has no magnitude ratios for transformer {type(transformer).__name__}: record them with "

@@ -27,6 +27,9 @@ from .base import CacheBackend
 
 Gate = Callable[[Any, dict[str, Any]], torch.Tensor]
 """(first block, its bound call arguments) -> the timestep-modulated input of that block."""
+TimestepGate = Callable[[Any, torch.Tensor], torch.Tensor | None]
+"""(transformer, the value of its step argument in a call) -> what `Gate` gives in that call, or None where that
+value does not determine it."""
 
 MAX_RELATIVE_CHANGE = 1e6
 """Relative changes are reported up to this (a non-finite change, from non-finite activations, counts as it)."""
@@ -57,27 +60,61 @@ class CacheTarget:
     gate: the timestep-modulated input of the first block, computed from that block and its call arguments
         (TeaCache's signal).
     defaults: each cache method's recommended settings for this transformer, by backend name, e.g.
-        `{"tea_cache": {"coefficients": (...)}}`; server settings replace them.
+        `{"tea_cache": {"coefficients": (...)}}`, or a function of the transformer that returns them (for classes
+        whose checkpoints differ, e.g. coefficients fitted per model size); server settings replace them.
     branch_names: pipelines that call the transformer outside `cache_context` get their CFG branches named by
         call order within a step: the i-th call of a step is `branch_names[i]` (later calls `branch<i>`).
     step_argument: the transformer's argument that changes from step to step and is shared by the calls of one
         step (the timestep); it tells where a step begins for such pipelines.
     shortcut: optional: how to run the transformer without its block stack, for methods that skip the whole stack
         (a skipped step then runs only what its output needs; see `StackShortcut`).
+    timestep_gate: optional, for transformers whose gate depends on the step argument alone (the timestep
+        embedding modulates the blocks): the gate computed from that argument, equal to what `gate` gives in a call
+        with it. A method can then know the gate of every step of a request from its timesteps, before any step.
     """
 
     blocks: Callable[[Any], Iterable[torch.nn.Module]]
     gate: Gate
-    defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    defaults: Mapping[str, Mapping[str, Any]] | Callable[[Any], Mapping[str, Mapping[str, Any]]] = field(
+        default_factory=dict
+    )
     branch_names: tuple[str, ...] = ("cond", "uncond")
     step_argument: str = "timestep"
     shortcut: StackShortcut | None = None
+    timestep_gate: TimestepGate | None = None
+
+    def recommended(self, transformer: torch.nn.Module, backend: str) -> Mapping[str, Any]:
+        """The settings this target recommends to `backend` for `transformer` (empty when none)."""
+        defaults = self.defaults(transformer) if callable(self.defaults) else self.defaults
+        return defaults.get(backend, {})
 
     def block_stack(self, transformer: torch.nn.Module) -> list[torch.nn.Module]:
         blocks = list(self.blocks(transformer))
         if not blocks:
             raise ValueError(f"the cache target of {type(transformer).__name__} gives no blocks")
         return blocks
+
+
+def denoising_transformers(pipeline) -> list[torch.nn.Module]:
+    """The transformers a pipeline denoises with, in the order its steps use them: `transformer`, then
+    `transformer_2` where the pipeline hands its low-noise steps to a second one (diffusers' convention)."""
+    return [
+        transformer
+        for transformer in (getattr(pipeline, "transformer", None), getattr(pipeline, "transformer_2", None))
+        if transformer is not None
+    ]
+
+
+def only_transformer(pipeline, method: str) -> torch.nn.Module:
+    """The pipeline's transformer, for a method that hooks one; a ValueError where the pipeline has two."""
+    transformers = denoising_transformers(pipeline)
+    if len(transformers) != 1:
+        raise ValueError(
+            f"the {method} cache backend runs on one transformer, and this pipeline denoises with "
+            f"{len(transformers)} (transformer for the high-noise steps, transformer_2 for the low-noise ones); "
+            "use --cache-backend tea_cache, which hooks both, or none"
+        )
+    return transformers[0]
 
 
 _TARGETS: dict[str, CacheTarget] = {}
@@ -145,12 +182,11 @@ class BlockIO:
         return output[self.hidden_index], encoder
 
     def join(self, hidden: torch.Tensor, encoder: torch.Tensor | None):
-        if self.hidden_index is None:
+        if self.hidden_index is None or self.encoder_index is None:  # blocks that return their hidden states alone
             return hidden
-        output: list[torch.Tensor | None] = [None] * (1 + (self.encoder_index is not None))
+        output: list[torch.Tensor | None] = [None, None]
         output[self.hidden_index] = hidden
-        if self.encoder_index is not None:
-            output[self.encoder_index] = encoder
+        output[self.encoder_index] = encoder
         return tuple(output)
 
 
@@ -449,7 +485,7 @@ class DiffusersCacheBackend(CacheBackend):
         return self._stack.block_names
 
     def apply(self, pipeline) -> None:
-        transformer = pipeline.transformer
+        transformer = only_transformer(pipeline, self.name)
         target = cache_target_for(transformer)
         self.check_transformer(transformer, target)
         self._stack = BlockStackCache(transformer, target)

@@ -11,16 +11,26 @@ stores the residual. Each `cache_context` ("cond", "uncond", ...) under which th
 transformer gets its own state through diffusers' StateManager, so CFG branches never mix. What differs per
 model (block stack, gate, coefficients) comes from the transformer's registered `CacheTarget`.
 
+Where the gate depends on the timestep alone (the target's `timestep_gate`: video models whose blocks are
+modulated by the timestep embedding only), the whole schedule follows from the request's timesteps: a hook on the
+transformer plans every step's gate and change at a branch's first call (`TimestepPlan`) and decides each later
+call before its forward, computing no gate; with the target's shortcut a skipped call then runs only the
+embeddings and the output head. The plan holds exactly: the decisions come from the same rule on the same numbers,
+a call whose timestep is not the planned one (or a planned gate that is not the block's own) sends the branch back
+to the gates of its calls. `plan_schedule` gives the schedule from the timesteps without running anything.
+
 `apply_teacache(transformer, TeaCacheConfig(...))` attaches it to any transformer with a target; the
-`tea_cache` backend does the same for the engine, which also tells it the step index and step count of each
-request (`begin_request`, `set_step`) instead of having them counted from forwards.
+`tea_cache` backend does the same for the engine (on each of a pipeline's transformers, where a second one takes
+the low-noise steps), which also tells it the step index and step count of each request (`begin_request`,
+`set_step`) instead of having them counted from forwards.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +47,7 @@ from .targets import (
     CallOrderBranches,
     Gate,
     cache_target_for,
+    denoising_transformers,
     relative_l1_of_rows,
 )
 
@@ -44,12 +55,13 @@ NAME = "tea_cache"
 HEAD_HOOK = "teaserve_teacache_head"
 BLOCK_HOOK = "teaserve_teacache_block"
 BRANCH_HOOK = "teaserve_teacache_branches"
-SHORTCUT_HOOK = "teaserve_teacache_shortcut"
+TRANSFORMER_HOOK = "teaserve_teacache_transformer"
 
 # -- bounds: every number a setting can carry is finite and bounded, so every statistic is too ----------------
 MAX_REL_L1_THRESH = 1e9
 """A threshold this high skips every step but the first and the last."""
 MAX_CONSECUTIVE_SKIPS = 10_000
+MAX_RETENTION_STEPS = 10_000
 MAX_COEFFICIENT = 1e9
 MAX_GATE_CHANGE = 1e3
 """Largest end of a fitted gate-change range."""
@@ -68,6 +80,17 @@ def check_threshold(value: Any) -> float:
     if not is_number(value) or not 0 < value <= MAX_REL_L1_THRESH:
         raise ValueError(f"rel_l1_thresh must be a number in (0, {MAX_REL_L1_THRESH:g}], got {short_repr(value)}")
     return float(value)
+
+
+def check_retention_steps(value: Any) -> int | None:
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_RETENTION_STEPS
+    ):
+        raise ValueError(
+            f"retention_steps must be an integer in [1, {MAX_RETENTION_STEPS}] (or null for the coefficients' own), "
+            f"got {short_repr(value)}"
+        )
+    return value
 
 
 def check_max_consecutive_skips(value: Any) -> int | None:
@@ -194,6 +217,8 @@ class TeaCacheConfig:
     x_range: the gate changes [low, high] the coefficients were fitted on (`teaserve calibrate` records it);
         None = derived from the polynomial (see `Rescaling`).
     max_consecutive_skips: computed at least every this many + 1 steps; None = unlimited (the original rule).
+    retention_steps: the first this many steps are always computed; None = what the coefficients were published
+        with (the transformer's target recommends it with its own coefficients), else 1 (the first step).
 
     `TeaCacheConfig.from_profile(path)` takes coefficients and range from a profile written by `teaserve calibrate`.
     """
@@ -202,12 +227,14 @@ class TeaCacheConfig:
     coefficients: Sequence[float] | None = None
     x_range: Sequence[float] | None = None
     max_consecutive_skips: int | None = None
+    retention_steps: int | None = None
     rescaling: Rescaling | None = field(init=False, repr=False, compare=False)
     """The coefficients' rescaling, when coefficients are given."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rel_l1_thresh", check_threshold(self.rel_l1_thresh))
         check_max_consecutive_skips(self.max_consecutive_skips)
+        check_retention_steps(self.retention_steps)
         rescaling = None
         if self.coefficients is not None:
             x_range = None if self.x_range is None else check_x_range(self.x_range)
@@ -260,17 +287,21 @@ def layered_settings(*layers: dict[str, Any] | None) -> dict[str, Any]:
     return merged
 
 
-def target_rescaling(config: TeaCacheConfig, target: CacheTarget, transformer: torch.nn.Module) -> Rescaling:
-    """The config's coefficients, else the ones the transformer's target recommends."""
+def rescaling_and_retention(
+    config: TeaCacheConfig, target: CacheTarget, transformer: torch.nn.Module
+) -> tuple[Rescaling, int]:
+    """(the rescaling, the retention steps): the config's coefficients, else the ones the transformer's target
+    recommends, with the retention the config gives, else the one that goes with those coefficients."""
     if config.rescaling is not None:
-        return config.rescaling
-    recommended = target.defaults.get(NAME, {})
+        return config.rescaling, config.retention_steps or 1
+    recommended = target.recommended(transformer, NAME)
     if "coefficients" not in recommended:
         raise ValueError(
             f"tea_cache has no coefficients for transformer {type(transformer).__name__}: fit them with "
             "`teaserve calibrate` and pass them as coefficients (or coefficients_file)"
         )
-    return Rescaling(tuple(recommended["coefficients"]), recommended.get("x_range"))
+    rescaling = Rescaling(tuple(recommended["coefficients"]), recommended.get("x_range"))
+    return rescaling, config.retention_steps or recommended.get("retention_steps", 1)
 
 
 # -- the decision rule -------------------------------------------------------------------------------------------
@@ -286,21 +317,26 @@ class BranchStats:
     """Relative L1 change of the gate signal at each step (None where there is nothing to compare with)."""
     accumulated: list[float] = field(default_factory=list)
     """The accumulated rescaled change compared with the threshold at each step (0 where forced)."""
+    planned_schedule: str | None = None
+    """Where the gate depends on the timestep alone: the schedule planned from the request's timesteps at the
+    branch's first step, before any block ran (it is the schedule above unless the calls left the plan)."""
 
 
 @dataclass
 class TeaCachePolicy:
-    """The TeaCache rule for one branch: first and last step computed, skip while the sum stays below thresh."""
+    """The TeaCache rule for one branch: the first `retention_steps` and the last step computed, skip while the sum
+    stays below thresh."""
 
     rescaling: Rescaling
     rel_l1_thresh: float
     max_consecutive_skips: int | None = None
+    retention_steps: int = 1
     accumulated: float = 0.0
     consecutive_skips: int = 0
 
     def should_compute(self, rel_l1: float | None, step_index: int, num_steps: int | None, stats: BranchStats) -> bool:
         last = num_steps is not None and step_index >= num_steps - 1
-        forced = rel_l1 is None or step_index <= 0 or last
+        forced = rel_l1 is None or step_index < self.retention_steps or last
         if rel_l1 is None or forced:
             self.accumulated = 0.0
         else:
@@ -324,6 +360,10 @@ class TeaCachePolicy:
 
 
 # -- hooks -------------------------------------------------------------------------------------------------------
+Timesteps = Callable[[], torch.Tensor | None]
+"""Where a request's timesteps can be read once its first step runs (the pipeline's scheduler's), one per step."""
+
+
 @dataclass
 class RequestClock:
     """Shared by a TeaCache and its hooks: the settings and the position of the current request."""
@@ -331,6 +371,7 @@ class RequestClock:
     rescaling: Rescaling
     rel_l1_thresh: float
     max_consecutive_skips: int | None
+    retention_steps: int = 1
     enabled: bool = True
     num_steps: int | None = None
     """None: unknown, so no last step is forced."""
@@ -346,6 +387,62 @@ class RequestClock:
             return self.row_groups
         return [(context, slice(None))]
 
+    def new_policy(self) -> TeaCachePolicy:
+        return TeaCachePolicy(self.rescaling, self.rel_l1_thresh, self.max_consecutive_skips, self.retention_steps)
+
+
+@dataclass
+class TimestepPlan:
+    """One branch's gate at each step of a request, known from its timesteps before the branch's first step (for
+    targets with a timestep gate). Step `first_step + i` is planned to run with step argument `values[i]`, its gate
+    is `gates[i]` and the gate's change since the step before, per row group, `changes[i]` (None for i = 0)."""
+
+    first_step: int
+    values: list[torch.Tensor]
+    gates: list[torch.Tensor]
+    changes: list[Sequence[float] | None]
+
+    @classmethod
+    def make(
+        cls, target: CacheTarget, transformer: torch.nn.Module, value: torch.Tensor, timesteps: torch.Tensor,
+        first_step: int, rows: list[slice],
+    ) -> TimestepPlan | None:  # fmt: skip
+        """The plan from `first_step` on, where step i's argument is `value` (the first call's) filled with
+        timesteps[i]; None where the target's timestep gate does not determine the gate of such calls."""
+        assert target.timestep_gate is not None
+        values, gates = [], []
+        for timestep in timesteps[first_step:].tolist():
+            step_value = torch.full_like(value, timestep)
+            gate = target.timestep_gate(transformer, step_value)
+            if gate is None:
+                return None
+            values.append(step_value)
+            gates.append(gate.detach())
+        if not gates:
+            return None
+        # The same computation as at a call, so that every planned change equals the one a call would find.
+        changes = [None] + [relative_l1_of_rows(gate, previous, rows) for previous, gate in pairwise(gates)]
+        return cls(first_step, values, gates, changes)
+
+    def index(self, step: int, value: torch.Tensor) -> int | None:
+        """The plan's index of a call of step `step` with step argument `value`; None where the call is not the
+        planned one (the pipeline runs other timesteps than its scheduler's)."""
+        index = step - self.first_step
+        if 0 <= index < len(self.values) and torch.equal(value, self.values[index]):
+            return index
+        return None
+
+    def schedules(self, clock: RequestClock, names: list[str]) -> dict[str, str]:
+        """The schedule each row group will follow: the rule run over the planned changes."""
+        schedules = {}
+        for group, name in enumerate(names):
+            policy, stats = clock.new_policy(), BranchStats()
+            for index, changes in enumerate(self.changes):
+                policy.should_compute(None if changes is None else changes[group], self.first_step + index,
+                                      clock.num_steps, stats)  # fmt: skip
+            schedules[name] = stats.schedule
+        return schedules
+
 
 class BranchState(BaseState):
     def __init__(self) -> None:
@@ -358,12 +455,16 @@ class BranchState(BaseState):
         self.previous_gate: torch.Tensor | None = None
         self.skipping = False
         """Every row skips this call."""
+        self.decided: tuple[list[slice], bool] | None = None
+        """The transformer hook's decision for the call under way (the rows that skip, whether all do), for the head
+        hook to apply."""
         self.reused_rows: list[slice] = []
-        self.decided: list[slice] | None = None
-        """The shortcut hook's decision for the call under way (the rows that skip), for the head hook to apply."""
         """Rows that skip while others compute: at the tail their output becomes inputs plus cached residual."""
         self.head_inputs: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.residuals: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self.plan: TimestepPlan | None = None
+        self.unchecked_gate: torch.Tensor | None = None
+        """The plan's gate of the call under way, for the head hook to compare with the block's own (first call)."""
 
 
 class TeaCacheBlockHook(ArgumentsHook):
@@ -405,32 +506,38 @@ class TeaCacheBlockHook(ArgumentsHook):
         return output
 
 
-def decide(clock: RequestClock, state: BranchState, context: str, gate: torch.Tensor) -> tuple[list[slice], bool]:
-    """The TeaCache rule for one call: (the rows of the groups that skip, whether every group skips)."""
+def gate_changes(clock: RequestClock, state: BranchState, context: str, gate: torch.Tensor) -> Sequence[float | None]:
+    """The relative change of `gate` since the branch's previous call, per row group (None: nothing to compare
+    with); `gate` becomes the previous one."""
+    previous, state.previous_gate = state.previous_gate, gate
+    groups = clock.groups(context)
+    if previous is None or previous.shape != gate.shape or state.residuals is None:
+        return [None] * len(groups)
+    return list(relative_l1_of_rows(gate, previous, [rows for _, rows in groups]))
+
+
+def decide(
+    clock: RequestClock, state: BranchState, context: str, changes: Sequence[float | None]
+) -> tuple[list[slice], bool]:
+    """The TeaCache rule for one call, given the gate's change per row group: (the rows of the groups that skip,
+    whether every group skips)."""
     step_index = state.calls if clock.step_index is None else clock.step_index
     state.calls += 1
-    previous = state.previous_gate
-    if previous is None or previous.shape != gate.shape or state.residuals is None:
-        previous = None
     groups = clock.groups(context)
-    changes = [None] * len(groups) if previous is None else relative_l1_of_rows(gate, previous, [r for _, r in groups])
     skipped = []
     for (name, rows), rel_l1 in zip(groups, changes, strict=True):
         policy = state.policies.get(name)
         if policy is None:  # the group's first call since the last reset: a new request
-            policy = state.policies[name] = TeaCachePolicy(
-                clock.rescaling, clock.rel_l1_thresh, clock.max_consecutive_skips
-            )
+            policy = state.policies[name] = clock.new_policy()
             clock.branches[name] = BranchStats()
         if not policy.should_compute(rel_l1, step_index, clock.num_steps, clock.branches[name]):
             skipped.append(rows)
-    state.previous_gate = gate
     return skipped, len(skipped) == len(groups)
 
 
 class TeaCacheHeadHook(TeaCacheBlockHook):
     """First block: compute the gate signal, decide, and on a skip return inputs plus the cached residual (unless
-    the transformer's shortcut hook decided already)."""
+    the transformer hook decided already)."""
 
     _is_stateful = True
 
@@ -445,10 +552,13 @@ class TeaCacheHeadHook(TeaCacheBlockHook):
         arguments = self.arguments(args, kwargs)
         state: BranchState = self.state_manager.get_state()
         if state.decided is not None:
-            skipped, state.skipping, state.decided = state.decided, False, None
+            (skipped, state.skipping), state.decided = state.decided, None
+            if state.unchecked_gate is not None:
+                self._check_plan(module, arguments, state)
         else:
+            context = self.state_manager.context.name
             gate = self.gate(module, arguments).detach()
-            skipped, state.skipping = decide(clock, state, self.state_manager.context.name, gate)
+            skipped, state.skipping = decide(clock, state, context, gate_changes(clock, state, context, gate))
         hidden, encoder = self.io.inputs(arguments)
         if state.skipping:
             assert state.residuals is not None, "a step is skipped only after a computed one (rel_l1 needs it)"
@@ -461,39 +571,106 @@ class TeaCacheHeadHook(TeaCacheBlockHook):
         output = self.fn_ref.original_forward(*args, **kwargs)
         return self._store_residuals(state, output) if self.is_tail else output
 
+    def _check_plan(self, module, arguments: dict[str, Any], state: BranchState) -> None:
+        """A plan's first call (always computed): its gate must be the block's own, else the branch leaves the plan
+        (and its planned schedules go) and goes on from the block's gate."""
+        gate, planned = self.gate(module, arguments).detach(), state.unchecked_gate
+        if planned is None or not torch.equal(gate, planned):
+            state.plan, state.previous_gate = None, gate
+            for name, _ in self.clock.groups(self.state_manager.context.name):
+                self.clock.branches[name].planned_schedule = None
+        state.unchecked_gate = None
+
     def reset_state(self, module):
         self.state_manager.reset()
         return module
 
 
-class TeaCacheShortcutHook(ArgumentsHook):
-    """On the transformer, where its target declares a `StackShortcut`: decide before the forward, and when every
-    row skips, run only the shortcut (embeddings, gate, output head) instead of the whole forward, whose text
-    stream, position embeddings and pass-through blocks a skipped step does not need. The output is the one the
-    block hooks give: the first block's input plus the cached residual, through the output head."""
+class TeaCacheTransformerHook(ArgumentsHook):
+    """On the transformer, where its target declares a timestep gate or a `StackShortcut`: decide before the
+    forward.
 
-    def __init__(self, state_manager: StateManager, clock: RequestClock, target: CacheTarget, head: torch.nn.Module):
+    With a timestep gate, the branch's first call plans the gate of every step from the request's timesteps
+    (`TimestepPlan`); the calls that run the planned timesteps then decide from the plan, computing no gate. With a
+    shortcut, a call that every row skips runs only the shortcut (embeddings, output head) instead of the whole
+    forward, whose text stream, position embeddings and pass-through blocks a skipped step does not need; the
+    output is the one the block hooks give: the first block's input plus the cached residual, through the output
+    head."""
+
+    def __init__(
+        self, state_manager: StateManager, clock: RequestClock, target: CacheTarget, head: torch.nn.Module,
+        timesteps: Timesteps | None,
+    ):  # fmt: skip
         super().__init__()
         self.state_manager, self.clock, self.target, self.head = state_manager, clock, target, head
-        assert target.shortcut is not None
-        self.shortcut = target.shortcut
+        self.shortcut, self.timesteps = target.shortcut, timesteps
 
     def new_forward(self, module, *args, **kwargs):
         if not self.clock.enabled:
             return self.fn_ref.original_forward(*args, **kwargs)
         arguments = self.arguments(args, kwargs)
-        entered = self.shortcut.enter(module, arguments)
-        if entered is None:
-            return self.fn_ref.original_forward(*args, **kwargs)
-        hidden, temb = entered
         state: BranchState = self.state_manager.get_state()
-        gate = self.target.gate(self.head, {"hidden_states": hidden, "temb": temb}).detach()
-        skipped, every = decide(self.clock, state, self.state_manager.context.name, gate)
-        if every:
-            assert state.residuals is not None, "a step is skipped only after a computed one (rel_l1 needs it)"
-            return self.shortcut.leave(module, hidden + state.residuals[0], temb, arguments)
-        state.decided = skipped
+        context = self.state_manager.context.name
+        first_call = state.calls == 0
+        changes = self._planned_changes(module, state, context, arguments)
+        entered = None
+        if changes is None:  # the gate comes from the call
+            if self.shortcut is None:
+                return self.fn_ref.original_forward(*args, **kwargs)
+            entered = self.shortcut.enter(module, arguments)
+            if entered is None:
+                return self.fn_ref.original_forward(*args, **kwargs)
+            gate = self.target.gate(self.head, {"hidden_states": entered[0], "temb": entered[1]}).detach()
+            changes = gate_changes(self.clock, state, context, gate)
+        skipped, every = decide(self.clock, state, context, changes)
+        if first_call and state.plan is not None:
+            self._report(state.plan, context)
+        if every and self.shortcut is not None:
+            entered = entered or self.shortcut.enter(module, arguments)
+            if entered is not None:
+                assert state.residuals is not None, "a step is skipped only after a computed one (rel_l1 needs it)"
+                hidden, temb = entered
+                return self.shortcut.leave(module, hidden + state.residuals[0], temb, arguments)
+        state.decided = (skipped, every)
         return self.fn_ref.original_forward(*args, **kwargs)
+
+    def _planned_changes(
+        self, module, state: BranchState, context: str, arguments: dict[str, Any]
+    ) -> Sequence[float | None] | None:
+        """The gate's change per row group from the branch's plan (made at its first call); None where the call
+        is not a planned one: the branch then decides from the call's own gate, now and later."""
+        value = arguments.get(self.target.step_argument)
+        if self.target.timestep_gate is None or self.timesteps is None or not isinstance(value, torch.Tensor):
+            return None
+        step = state.calls if self.clock.step_index is None else self.clock.step_index
+        groups = self.clock.groups(context)
+        if state.calls == 0:
+            state.plan = self._plan(module, value, step, [rows for _, rows in groups])
+        plan = state.plan
+        index = None if plan is None else plan.index(step, value)
+        if plan is None or index is None:
+            state.plan = None
+            return None
+        previous, gate = state.previous_gate, plan.gates[index]
+        if previous is None:  # the plan's first call: the head hook checks the planned gate against the block's
+            state.unchecked_gate = gate
+        if index > 0 and previous is plan.gates[index - 1] and state.residuals is not None:
+            state.previous_gate = gate
+            return plan.changes[index]
+        return gate_changes(self.clock, state, context, gate)
+
+    def _plan(self, module, value: torch.Tensor, step: int, rows: list[slice]) -> TimestepPlan | None:
+        assert self.timesteps is not None
+        timesteps = self.timesteps()
+        if timesteps is None or timesteps.ndim != 1 or not 0 <= step < len(timesteps):
+            return None
+        return TimestepPlan.make(self.target, module, value, timesteps, step, rows)
+
+    def _report(self, plan: TimestepPlan, context: str) -> None:
+        """File each group's planned schedule in its statistics (which `decide` opened at its first call)."""
+        names = [name for name, _ in self.clock.groups(context)]
+        for name, schedule in plan.schedules(self.clock, names).items():
+            self.clock.branches[name].planned_schedule = schedule
 
 
 class TeaCache:
@@ -501,6 +678,7 @@ class TeaCache:
 
     Without an engine, each CFG branch counts its own transformer calls (diffusers resets the count after every
     pipeline call) and `num_inference_steps`, when known, marks the last step, which is always computed.
+    `timesteps`, where the target has a timestep gate, reads the request's timesteps (see `TimestepPlan`).
     """
 
     def __init__(
@@ -509,12 +687,17 @@ class TeaCache:
         config: TeaCacheConfig,
         target: CacheTarget,
         num_inference_steps: int | None = None,
+        timesteps: Timesteps | None = None,
     ):
         self.transformer, self.target, self.config = transformer, target, config
-        rescaling = target_rescaling(config, target, transformer)
+        rescaling, retention_steps = rescaling_and_retention(config, target, transformer)
         blocks = target.block_stack(transformer)
         self.clock = RequestClock(
-            rescaling, config.rel_l1_thresh, config.max_consecutive_skips, num_steps=num_inference_steps
+            rescaling,
+            config.rel_l1_thresh,
+            config.max_consecutive_skips,
+            retention_steps=retention_steps,
+            num_steps=num_inference_steps,
         )
         state_manager = StateManager(BranchState)
         for index, block in enumerate(blocks):
@@ -526,8 +709,10 @@ class TeaCache:
             else:
                 registry.register_hook(TeaCacheBlockHook(state_manager, self.clock, io, is_tail), BLOCK_HOOK)
         registry = HookRegistry.check_if_exists_or_initialize(transformer)
-        if target.shortcut is not None:  # inside the branch naming hook, which sets the context it reads
-            registry.register_hook(TeaCacheShortcutHook(state_manager, self.clock, target, blocks[0]), SHORTCUT_HOOK)
+        if target.shortcut is not None or (target.timestep_gate is not None and timesteps is not None):
+            # Inside the branch naming hook, which sets the context it reads.
+            hook = TeaCacheTransformerHook(state_manager, self.clock, target, blocks[0], timesteps)
+            registry.register_hook(hook, TRANSFORMER_HOOK)
         registry.register_hook(CallOrderBranches(state_manager, target), BRANCH_HOOK)
         # New hooks below the transformer stale its cached list of child registries.
         registry.invalidate_child_registries_cache()
@@ -542,9 +727,9 @@ class TeaCache:
 
     def configure(self, config: TeaCacheConfig) -> None:
         """New settings from the next step on (bad coefficients raise and change nothing)."""
-        rescaling = target_rescaling(config, self.target, self.transformer)
+        rescaling, retention_steps = rescaling_and_retention(config, self.target, self.transformer)
         self.config = config
-        self.clock.rescaling = rescaling
+        self.clock.rescaling, self.clock.retention_steps = rescaling, retention_steps
         self.clock.rel_l1_thresh, self.clock.max_consecutive_skips = config.rel_l1_thresh, config.max_consecutive_skips
 
     def begin_request(self, num_steps: int, overrides: dict[str, Any] | None = None) -> None:
@@ -585,23 +770,52 @@ def apply_teacache(
     *,
     target: CacheTarget | None = None,
     num_inference_steps: int | None = None,
+    timesteps: Timesteps | None = None,
 ) -> TeaCache:
     """Attach TeaCache to `transformer` (a diffusers pipeline's `pipe.transformer`).
 
     `target` defaults to the one registered for the transformer's class (teaserve registers those of the models
     it serves); the coefficients default to the target's. Pass `num_inference_steps` (or set it on the returned
-    object) so that the last step is always computed. The returned object reports `stats()` of the last call.
+    object) so that the last step is always computed, and, for targets with a timestep gate, `timesteps` (e.g.
+    `lambda: pipe.scheduler.timesteps`) so that each request's schedule is planned before its first step. The
+    returned object reports `stats()` of the last call.
     """
     if HookRegistry.check_if_exists_or_initialize(transformer).get_hook(BRANCH_HOOK) is not None:
         raise ValueError("TeaCache is already applied to this transformer; remove_teacache() it first")
     target = target or cache_target_for(transformer)
-    return TeaCache(transformer, config or TeaCacheConfig(), target, num_inference_steps)
+    return TeaCache(transformer, config or TeaCacheConfig(), target, num_inference_steps, timesteps)
+
+
+@torch.no_grad()
+def plan_schedule(
+    transformer: torch.nn.Module,
+    timesteps: torch.Tensor,
+    config: TeaCacheConfig | None = None,
+    *,
+    target: CacheTarget | None = None,
+    rows: int = 1,
+) -> str | None:
+    """The schedule (one letter per step: C computed, S skipped) TeaCache follows in each branch of a request whose
+    steps run `timesteps`, from the timesteps alone, before anything runs; None where the transformer's target has
+    no timestep gate. `rows`: the rows of each transformer call (what a pipeline passes; the changes it gives are
+    the calls' own to the last bit when it matches)."""
+    target = target or cache_target_for(transformer)
+    if target.timestep_gate is None:
+        return None
+    config = config or TeaCacheConfig()
+    rescaling, retention_steps = rescaling_and_retention(config, target, transformer)
+    clock = RequestClock(
+        rescaling, config.rel_l1_thresh, config.max_consecutive_skips, retention_steps, num_steps=len(timesteps)
+    )
+    value = torch.zeros(rows, dtype=timesteps.dtype, device=timesteps.device)
+    plan = TimestepPlan.make(target, transformer, value, timesteps, 0, [slice(None)])
+    return None if plan is None else plan.schedules(clock, ["branch"])["branch"]
 
 
 def remove_teacache(transformer: torch.nn.Module) -> None:
     """Take TeaCache's hooks off `transformer`: it computes every step again."""
     registry = HookRegistry.check_if_exists_or_initialize(transformer)
-    for name in (BRANCH_HOOK, SHORTCUT_HOOK, HEAD_HOOK, BLOCK_HOOK):
+    for name in (BRANCH_HOOK, TRANSFORMER_HOOK, HEAD_HOOK, BLOCK_HOOK):
         registry.remove_hook(name, recurse=True)
     registry.invalidate_child_registries_cache()
 
@@ -621,7 +835,8 @@ class TeaCacheBackend(CacheBackend):
     def __init__(self) -> None:
         super().__init__()
         self.config = TeaCacheConfig()
-        self._teacache: TeaCache | None = None
+        self._teacaches: list[TeaCache] = []
+        """One per transformer of the pipeline, in the order its steps use them."""
 
     @classmethod
     def merge_settings(cls, model_settings, user_settings):
@@ -629,28 +844,71 @@ class TeaCacheBackend(CacheBackend):
 
     def configure_method(self, settings) -> None:
         config = TeaCacheConfig.from_settings(settings)
-        if self._teacache is not None:
-            self._teacache.configure(config)
+        for teacache in self._teacaches:  # every transformer takes the settings, or none does
+            rescaling_and_retention(config, teacache.target, teacache.transformer)
+        for teacache in self._teacaches:
+            teacache.configure(config)
         self.config = config
 
     def apply(self, pipeline) -> None:
-        self._teacache = apply_teacache(pipeline.transformer, self.config)
+        try:
+            for transformer in denoising_transformers(pipeline):
+                teacache = apply_teacache(
+                    transformer, self.config, timesteps=lambda: getattr(pipeline.scheduler, "timesteps", None)
+                )
+                self._teacaches.append(teacache)
+        except Exception:
+            self.remove(pipeline)
+            raise
 
     def remove(self, pipeline) -> None:
-        remove_teacache(pipeline.transformer)
-        self._teacache = None
+        for teacache in self._teacaches:
+            remove_teacache(teacache.transformer)
+        self._teacaches = []
 
     def start_request(self, num_steps, overrides) -> None:
-        if self._teacache is not None:  # not applied (or removed): nothing to prepare
-            self._teacache.begin_request(num_steps, overrides)
+        for teacache in self._teacaches:
+            teacache.begin_request(num_steps, overrides)
 
     def set_step(self, step_index: int) -> None:
-        if self._teacache is not None:
-            self._teacache.set_step(step_index)
+        for teacache in self._teacaches:
+            teacache.set_step(step_index)
 
     def set_row_groups(self, labels) -> None:
-        if self._teacache is not None:
-            self._teacache.set_row_groups(labels)
+        for teacache in self._teacaches:
+            teacache.set_row_groups(labels)
 
     def request_stats(self) -> dict[str, Any] | None:
-        return None if self._teacache is None else self._teacache.stats()
+        if not self._teacaches:  # not applied (or removed): nothing to report
+            return None
+        parts = [teacache.stats() for teacache in self._teacaches]
+        branches = joined_branches([part["branches"] for part in parts])
+        return {
+            **parts[0],
+            "computed_steps": sum(branch["computed_steps"] for branch in branches.values()),
+            "skipped_steps": sum(branch["skipped_steps"] for branch in branches.values()),
+            "branches": branches,
+        }
+
+
+def joined_branches(parts: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """The statistics per branch of transformers that ran a request's steps one after the other (one for the
+    high-noise steps, one for the low-noise ones), as one transformer's."""
+    joined: dict[str, dict[str, Any]] = {}
+    for position, branches in enumerate(parts):
+        for name, stats in branches.items():
+            stats = dict(stats)
+            planned = stats["planned_schedule"]
+            if planned is not None and position < len(parts) - 1:
+                # A transformer's plan covers every remaining step of the request: the ones it ran are its own.
+                stats["planned_schedule"] = planned[: len(stats["schedule"])]
+            into = joined.setdefault(name, stats)
+            if into is stats:
+                continue
+            for key in ("computed_steps", "skipped_steps", "schedule", "rel_l1", "accumulated"):
+                into[key] = into[key] + stats[key]
+            if into["planned_schedule"] is not None and stats["planned_schedule"] is not None:
+                into["planned_schedule"] += stats["planned_schedule"]
+            else:
+                into["planned_schedule"] = None
+    return joined

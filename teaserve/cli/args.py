@@ -9,6 +9,7 @@ from ..engine import EngineArgs, OmniDiffusionSamplingParams
 from ..engine.args import flag_of, json_object_arg
 from ..engine.params import parse_size, values_from_strings
 from ..evaluation.sweeps import CALIBRATION_STEPS, QUALITY_LEVELS_DB, Variant
+from ..server.videos.store import DATA_DIR_ENV
 
 PROFILE_AND_DEVICE = ("cache_profile", "device", "dtype")
 """The engine settings that bench reads (calibrate: the device ones)."""
@@ -63,8 +64,14 @@ def sampling_params(args: argparse.Namespace) -> OmniDiffusionSamplingParams:
         width=width,
         height=height,
         cache_config=args.request_cache_config,
-        model_knobs=values_from_strings(schema, dict(args.model_param)),
+        model_knobs={**values_from_strings(schema, dict(args.model_param)), **video_knobs(args)},
     )
+
+
+def video_knobs(args: argparse.Namespace) -> dict[str, int]:
+    """The video flags of `teaserve generate` given, as the model parameters they set."""
+    flags = {"num_frames": getattr(args, "num_frames", None), "fps": getattr(args, "fps", None)}
+    return {name: value for name, value in flags.items() if value is not None}
 
 
 def _add_serve(subparsers) -> None:
@@ -91,17 +98,68 @@ def _add_serve(subparsers) -> None:
         default=30.0,
         help="seconds the running request may take to finish after SIGTERM (a second SIGTERM exits at once)",
     )
+    serve.add_argument(
+        "--data-dir",
+        default=None,
+        help="where a video model keeps its jobs (videos.db) and their files, kept across restarts; one server per "
+        f"folder (default: ${DATA_DIR_ENV}, else $XDG_DATA_HOME/teaserve or ~/.local/share/teaserve)",
+    )
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     EngineArgs.add_cli_args(serve)
+    _add_scale_flags(serve)
+
+
+SCALE_FLAGS = ("replicas", "min_replicas", "max_replicas", "replica_cpus", "replica_gpus", "ray_address")
+"""The flags that only mean something with --ray."""
+
+
+def _add_scale_flags(serve: argparse.ArgumentParser) -> None:
+    group = serve.add_argument_group("scale-out on Ray Serve (pip install 'teaserve[ray]')")
+    group.add_argument(
+        "--ray",
+        action="store_true",
+        help="serve through Ray Serve: the same API in front of --replicas engine replicas, each owning one device "
+        "(one GPU where the cluster has GPUs)",
+    )
+    group.add_argument(
+        "--replicas", type=int, default=None, help="engine replicas (default 1; with autoscaling: at start)"
+    )
+    group.add_argument("--min-replicas", type=int, default=None, help="autoscaling: fewest replicas (default 1)")
+    group.add_argument("--max-replicas", type=int, default=None, help="autoscaling: most replicas (turns it on)")
+    group.add_argument(
+        "--replica-cpus", type=float, default=None, help="CPUs each replica reserves, and its torch threads (default 1)"
+    )
+    group.add_argument(
+        "--replica-gpus",
+        type=float,
+        default=None,
+        help="GPUs each replica reserves (default: 1 where the cluster has GPUs, else 0; 0.5 packs two on one GPU)",
+    )
+    group.add_argument(
+        "--ray-address",
+        default=None,
+        help="the Ray cluster to deploy on, e.g. auto (the one `ray start` began here) or HOST:PORT (default: start "
+        "a Ray instance for this machine alone, listening on loopback only)",
+    )
 
 
 def _add_generate(subparsers) -> None:
-    generate = subparsers.add_parser("generate", help="generate images from the command line")
+    generate = subparsers.add_parser("generate", help="generate images or videos from the command line")
     generate.add_argument(
         "model_and_prompt", nargs="+", metavar="[MODEL] PROMPT", help="model (default: the embedded one), then prompt"
     )
-    generate.add_argument("-o", "--output", default="out.png", help="output file (several images: out-0.png, ...)")
-    generate.add_argument("--image", action="append", default=[], help="input image for edit models (repeatable)")
+    generate.add_argument(
+        "-o",
+        "--output",
+        default=None,
+        help="output file (default out.png, or out.mp4 for video models; a video may also be .gif or .webp; "
+        "several outputs: out-0.png, ...)",
+    )
+    generate.add_argument(
+        "--image", action="append", default=[], help="input image for edit and image-to-video models (repeatable)"
+    )
+    generate.add_argument("--num-frames", type=int, default=None, help="frames per video (video models)")
+    generate.add_argument("--fps", type=int, default=None, help="frames per second of the video (video models)")
     generate.add_argument("--mask", default=None, help="mask image for inpainting edits")
     _add_sampling_flags(generate)
     EngineArgs.add_cli_args(generate)

@@ -8,28 +8,39 @@ import os
 
 from ..engine import AsyncEngine, EngineArgs
 from ..server import build_app
+from ..server.app import check_server_settings
+from ..server.middleware import API_KEY_ENV
 from ..server.runner import build_server
+from .args import SCALE_FLAGS
 
 logger = logging.getLogger("teaserve.serve")
 
-API_KEY_ENV = "TEASERVE_API_KEY"
-
 
 def run(args: argparse.Namespace) -> int:
-    for flag in ("max_body_mb", "body_timeout", "stall_timeout"):
-        if not getattr(args, flag) > 0:
-            raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    if not args.shutdown_grace >= 0:
-        raise ValueError(f"--shutdown-grace must be 0 or more seconds, got {args.shutdown_grace}")
+    check_server_settings(
+        max_body_mb=args.max_body_mb,
+        body_timeout=args.body_timeout,
+        stall_timeout=args.stall_timeout,
+        shutdown_grace=args.shutdown_grace,
+    )
+    api_key = args.api_key or os.environ.get(API_KEY_ENV)
+    if args.ray:
+        if args.data_dir is not None:
+            raise ValueError("--data-dir: video jobs need a server in one process (teaserve serve without --ray)")
+        return serve_on_ray(args, api_key)
+    given = [name for name in SCALE_FLAGS if getattr(args, name) is not None]
+    if given:
+        raise ValueError(f"--{given[0].replace('_', '-')} needs --ray")
     # The model loads before the port opens: a client never meets a half-started server.
     engine = AsyncEngine(EngineArgs.from_cli_args(args))
     app = build_app(
         engine,
         served_model_name=args.served_model_name,
-        api_key=args.api_key or os.environ.get(API_KEY_ENV),
+        api_key=api_key,
         max_body_bytes=int(args.max_body_mb * 1024 * 1024),
         body_timeout=args.body_timeout,
         stall_timeout=args.stall_timeout,
+        data_dir=args.data_dir,
     )
     logger.info(
         "serving %s (%s) with cache backend %s on http://%s:%d",
@@ -39,8 +50,20 @@ def run(args: argparse.Namespace) -> int:
         args.host,
         args.port,
     )
+    store = app.state.video_serving.store
+    if store is not None:
+        logger.info("video jobs and their files are kept in %s", store.data_dir)
     # SIGTERM / Ctrl-C drain the server (see GracefulServer); the app's lifespan then stops the engine.
     build_server(
         app, host=args.host, port=args.port, log_level=args.log_level, shutdown_grace=args.shutdown_grace
     ).run()
     return 0
+
+
+def serve_on_ray(args: argparse.Namespace, api_key: str | None) -> int:
+    """The same server on Ray Serve: this process deploys it and waits; the replicas load the model."""
+    from ..scale.launch import serve_on_ray as serve
+    from ..scale.settings import ScaleSettings
+
+    settings = ScaleSettings.from_cli_args(args, api_key=api_key)
+    return serve(settings, host=args.host, port=args.port, address=args.ray_address)

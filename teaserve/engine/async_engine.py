@@ -11,10 +11,10 @@ import queue
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from PIL import Image
@@ -22,9 +22,10 @@ from pydantic import ValidationError
 
 from ..cache import CACHE_BACKEND_ENV, CACHE_BACKENDS, CacheBackend, resolve_backend_name
 from ..cache.base import QUALITY_TARGET, check_quality_target
-from ..pipelines import LoadedModel, architectures_with_knob, editing_architectures, load_model
+from ..pipelines import KnobValueError, LoadedModel, architectures_with_knob, editing_architectures, load_model
 from .args import EngineArgs
 from .cache_profile import CacheProfile
+from .client import ServedModel
 from .errors import (
     DeviceOutOfMemoryError,
     EngineStoppedError,
@@ -96,6 +97,7 @@ class AsyncEngine:
         else:
             self.model = load_model(args.model, device=args.device, dtype=args.dtype)
         self.cache_profile.check_transformer(self.model.pipeline.transformer)
+        self.served_model = ServedModel.of(self.model)
         backend_name = resolve_backend_name(args.cache_backend, self.model.default_cache_backend)
         self.prompt_cache = PromptEmbeddingCache(args.prompt_cache_size)
         """Encoded prompts kept for reuse; its `hits` and `misses` count the worker's look-ups."""
@@ -207,6 +209,16 @@ class AsyncEngine:
         self.check_inputs(len(images), mask is not None)
         return open_inputs(images, mask, self.args)
 
+    async def read_inputs(
+        self, params: OmniDiffusionSamplingParams, images: list[BinaryIO], mask: BinaryIO | None
+    ) -> tuple[list[ImageSource], ImageSource | None]:
+        """Admission before work for an edit's uploads: the parameters and the number of images first, then each
+        header against the pixel limits, then the pixels, decoded in a worker thread."""
+        self.check_params(params)
+        self.check_inputs(len(images), mask is not None)
+        decoded, decoded_mask = await asyncio.to_thread(self.open_inputs, list(images), mask)
+        return list(decoded), decoded_mask
+
     @property
     def accepting(self) -> bool:
         """False once `begin_shutdown` or `shutdown` was called: new requests are refused."""
@@ -290,9 +302,14 @@ class AsyncEngine:
         if family.knobs is None:
             return {}
         try:
-            return family.knobs.model_validate({**self.model.knob_defaults, **values}).model_dump()
+            knobs = family.knobs.model_validate({**self.model.knob_defaults, **values}).model_dump()
         except ValidationError as error:
             raise parameter_error(error, family.knobs) from None
+        try:
+            family.check_knobs(self.model.pipeline, knobs)
+        except KnobValueError as error:
+            raise InvalidParameterError(str(error), error.name) from None
+        return knobs
 
     def output_size(
         self, params: OmniDiffusionSamplingParams, images: list[Image.Image], masked: bool, knobs: dict[str, Any]
@@ -349,16 +366,31 @@ class AsyncEngine:
         handle.cancel()
         return True
 
+    async def start(
+        self,
+        prompt: str | dict[str, Any] | PromptInput,
+        params: OmniDiffusionSamplingParams | None = None,
+        *,
+        num_previews: int = 0,
+        request_id: str | None = None,
+        progress: bool = False,
+    ) -> LocalGeneration:
+        """`prepare` and `submit` in one step (refusals raise here); input images still encoded are decoded in a
+        worker thread. With progress=True the generation's `events` carry the progress events too."""
+        prompt = PromptInput.from_user(prompt)
+        if prompt.images or prompt.mask is not None:
+            request = await asyncio.to_thread(self.prepare, prompt, params, num_previews=num_previews)
+        else:
+            request = self.prepare(prompt, params, num_previews=num_previews)
+        if request_id is not None:
+            request.request_id = request_id
+        return LocalGeneration(self, request, progress=progress)
+
     async def generate(
         self, request: GenerationRequest, *, on_progress: Callable[[ProgressEvent], None] | None = None
     ) -> RequestOutput:
         """Run a prepared request; cancelling the awaiting task cancels the request."""
-        handle = self.submit(request, on_progress=on_progress)
-        try:
-            return await asyncio.wrap_future(handle.future)
-        except asyncio.CancelledError:
-            handle.cancel()
-            raise
+        return await _output(self.submit(request, on_progress=on_progress))
 
     def stream(self, request: GenerationRequest) -> AsyncIterator[ProgressEvent | RequestOutput]:
         """Submit the request now, then iterate over its progress events and finally its output.
@@ -366,33 +398,7 @@ class AsyncEngine:
         Submitting before the first iteration lets a caller answer a full queue (QueueFullError) or a stopping
         engine (EngineStoppedError) before it commits to a streamed answer. Leaving the iteration cancels the request.
         """
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[ProgressEvent] = asyncio.Queue()
-
-        def on_progress(event: ProgressEvent) -> None:  # called on the worker thread
-            loop.call_soon_threadsafe(events.put_nowait, event)
-
-        return self._follow(self.submit(request, on_progress=on_progress), events)
-
-    async def _follow(
-        self, handle: RequestHandle, events: asyncio.Queue[ProgressEvent]
-    ) -> AsyncIterator[ProgressEvent | RequestOutput]:
-        finished: asyncio.Future[Any] = asyncio.wrap_future(handle.future)
-        try:
-            while True:
-                next_event: asyncio.Future[Any] = asyncio.ensure_future(events.get())
-                done, _ = await asyncio.wait({next_event, finished}, return_when=asyncio.FIRST_COMPLETED)
-                if next_event in done:
-                    yield next_event.result()
-                    continue
-                next_event.cancel()
-                while not events.empty():
-                    yield events.get_nowait()
-                yield finished.result()
-                return
-        finally:
-            if not handle.future.done():
-                handle.cancel()
+        return LocalGeneration(self, request, progress=True).events()
 
     def _serve(self) -> None:
         try:
@@ -589,6 +595,68 @@ class AsyncEngine:
                 return False
             await asyncio.sleep(0.02)
         return True
+
+
+class LocalGeneration:
+    """A request queued on an AsyncEngine of this process (see `AsyncEngine.start`)."""
+
+    def __init__(self, engine: AsyncEngine, request: GenerationRequest, *, progress: bool):
+        self.request = request
+        self._events: asyncio.Queue[ProgressEvent] = asyncio.Queue()
+        on_progress = None
+        if progress:
+            loop = asyncio.get_running_loop()
+
+            def on_progress(event: ProgressEvent) -> None:  # called on the worker thread
+                loop.call_soon_threadsafe(self._events.put_nowait, event)
+
+        self.handle = engine.submit(request, on_progress=on_progress)
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def width(self) -> int:
+        return self.request.width
+
+    @property
+    def height(self) -> int:
+        return self.request.height
+
+    async def events(self) -> AsyncGenerator[ProgressEvent | RequestOutput, None]:
+        handle, events = self.handle, self._events
+        finished: asyncio.Future[Any] = asyncio.wrap_future(handle.future)
+        try:
+            while True:
+                next_event: asyncio.Future[Any] = asyncio.ensure_future(events.get())
+                done, _ = await asyncio.wait({next_event, finished}, return_when=asyncio.FIRST_COMPLETED)
+                if next_event in done:
+                    yield next_event.result()
+                    continue
+                next_event.cancel()
+                while not events.empty():
+                    yield events.get_nowait()
+                yield finished.result()
+                return
+        finally:
+            if not handle.future.done():
+                handle.cancel()
+
+    async def output(self) -> RequestOutput:
+        return await _output(self.handle)
+
+    def cancel(self) -> None:
+        self.handle.cancel()
+
+
+async def _output(handle: RequestHandle) -> RequestOutput:
+    """A submitted request's output; cancelling the awaiting task cancels the request."""
+    try:
+        return await asyncio.wrap_future(handle.future)
+    except asyncio.CancelledError:
+        handle.cancel()
+        raise
 
 
 def check_settings_before_loading(

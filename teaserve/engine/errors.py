@@ -1,5 +1,6 @@
 """The engine's errors. Client mistakes are `InvalidParameterError`s that name their parameter; failures of the
-model are `GenerationError`s whose message never carries internal exception text (that goes to the log)."""
+model are `GenerationError`s whose message never carries internal exception text (that goes to the log). Every one
+pickles with its fields, so that it reaches a client of an engine in another process intact."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ class InvalidParameterError(ValueError):
     def __init__(self, message: str, param: str):
         super().__init__(message)
         self.param = param
+
+    def __reduce__(self):
+        return type(self), (str(self), self.param)
 
 
 class InvalidImageError(InvalidParameterError):
@@ -31,6 +35,10 @@ class DeviceOutOfMemoryError(GenerationError):
     """The device ran out of memory during the request; a smaller or later request may succeed."""
 
 
+class WorkerLostError(GenerationError):
+    """The model worker running the request went away (its process died); another worker may run it."""
+
+
 class RequestCancelledError(Exception):
     """The request was cancelled before it finished."""
 
@@ -41,6 +49,9 @@ class QueueFullError(Exception):
     def __init__(self, message: str, retry_after: int = 1):
         super().__init__(message)
         self.retry_after = retry_after
+
+    def __reduce__(self):
+        return type(self), (str(self), self.retry_after)
 
 
 class EngineStoppedError(RuntimeError):

@@ -15,11 +15,17 @@ PromptLike = str | dict[str, Any] | PromptInput
 
 
 class Omni:
-    """Load a model once and generate images with it.
+    """Load a model once and generate images or videos with it.
 
     >>> omni = Omni(model="Qwen/Qwen-Image", cache_backend="tea_cache", cache_config={"rel_l1_thresh": 0.2})
     >>> outputs = omni.generate("a cat", OmniDiffusionSamplingParams(num_inference_steps=50))
     >>> outputs[0].images[0].save("cat.png")
+
+    A video model's outputs carry `videos` instead (frames, fps, `.mp4()`):
+
+    >>> omni = Omni(model="Wan-AI/Wan2.1-T2V-1.3B-Diffusers", cache_backend="tea_cache")
+    >>> (output,) = omni.generate("a fox running", OmniDiffusionSamplingParams(num_frames=33, fps=16))
+    >>> Path("fox.mp4").write_bytes(output.videos[0].mp4())
 
     `model=None` is the embedded default model. `cache_backend=None` reads $DIFFUSION_CACHE_BACKEND
     (default "none"). `device`/`dtype` default to cuda + bfloat16 when a GPU is present, else cpu + float32.

@@ -177,7 +177,9 @@ def parameter_error(
     location = details["loc"]
     name = str(location[0]) if location else model.__name__
     field = model.model_fields.get(name)
-    if details["type"] == "extra_forbidden" or field is None:
+    if details["type"] == "value_error" and isinstance(cause, ValueError):  # a validator's own message
+        message = str(cause)
+    elif details["type"] == "extra_forbidden" or field is None:
         message = f"unknown parameter {name!r}; valid parameters: {', '.join(model.model_fields)}"
     elif len(location) == 1:
         message = f"{name} must be {describe_field(field)}, got {shown_value(details['input'])}"

@@ -11,6 +11,7 @@ from PIL import Image
 from .errors import InvalidParameterError
 from .images import ImageSource
 from .params import MAX_PROMPT_CHARS, OmniDiffusionSamplingParams
+from .video import GeneratedVideo
 
 
 def new_request_id() -> str:
@@ -129,6 +130,8 @@ class RequestOutput:
     width: int
     height: int
     metrics: RequestMetrics
+    videos: list[GeneratedVideo] = field(default_factory=list)
+    """A video model's outputs (then `images` is empty): video i was made with seeds[i]."""
 
 
 @dataclass

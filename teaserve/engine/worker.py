@@ -14,10 +14,11 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..cache import CacheBackend, row_group_label, stats_of_request
+from ..cache import CacheBackend, denoising_transformers, row_group_label, stats_of_request
 from ..pipelines import LoadedModel, ModelFamily, PipelineInputs, TextEmbedding
 from .prompt_cache import PromptEmbeddingCache
 from .request import GenerationRequest, ProgressEvent, RequestMetrics, RequestOutput
+from .video import GeneratedVideo
 
 ProgressCallback = Callable[[ProgressEvent], None]
 StopCheck = Callable[[], None]
@@ -125,10 +126,10 @@ class ModelWorker:
         self._mask_pipeline: Any = None
         self._check_stop: StopCheck = _never_stop
         cache.apply(model.pipeline)
-        transformer = model.pipeline.transformer
-        transformer.register_forward_pre_hook(self._transformer_starts)
-        if profile:
-            transformer.register_forward_hook(self._transformer_ends)
+        for transformer in denoising_transformers(model.pipeline):
+            transformer.register_forward_pre_hook(self._transformer_starts)
+            if profile:
+                transformer.register_forward_hook(self._transformer_ends)
         for module in stoppable_modules(model.pipeline):
             module.register_forward_pre_hook(self._check_inside_step)
 
@@ -256,8 +257,16 @@ class ModelWorker:
                 callback_on_step_end=on_step_end,
                 callback_on_step_end_tensor_inputs=["latents"],
             )
-            images = family.output_images(pipe, output, inputs, tracker.final_latents)
-        return self._output(member, images, tracker.steps_done, timing, self.cache.stats(), batch_size=1)
+            if family.makes_video:
+                frames = family.output_videos(pipe, output, inputs)
+                videos = [GeneratedVideo(video, fps=inputs.extra["fps"]) for video in frames]
+                images: list[Image.Image] = []
+            else:
+                videos = []
+                images = family.output_images(pipe, output, inputs, tracker.final_latents)
+        output = self._output(member, images, tracker.steps_done, timing, self.cache.stats(), batch_size=1)
+        output.videos = videos
+        return output
 
     def run_batch(self, members: list[BatchMember]) -> list[RequestOutput | Exception]:
         """Run requests of one `batch_key` together; each gets its own images, statistics and stop check. A request

@@ -25,7 +25,7 @@ import numpy as np
 from ..cache import CacheBackend, NoCache
 from ..cache.base import QUALITY_TARGET
 from ..engine import AsyncEngine, OmniDiffusionSamplingParams, RequestOutput
-from .metrics import PSNR_CAP_DB, psnr, ssim
+from .metrics import PSNR_CAP_DB, Media, psnr, ssim
 from .prompts import Checker
 from .sweeps import QUALITY_LEVELS_DB, Variant
 
@@ -88,6 +88,11 @@ def block_stack_evaluations(output: RequestOutput) -> float:
     return output.metrics.transformer_calls
 
 
+def media_of(output: RequestOutput) -> list[Media]:
+    """What a request made: its images, or the frames of each of its videos."""
+    return [video.frames for video in output.videos] if output.videos else list(output.images)
+
+
 @dataclass
 class _Totals:
     requests: int = 0
@@ -103,12 +108,13 @@ class _Totals:
         self.evaluations += block_stack_evaluations(output)
         self.seconds += output.metrics.seconds
         self.transformer_seconds += output.metrics.transformer_seconds or 0.0
-        for index, image in enumerate(output.images):
-            if reference is not None:
-                self.psnrs.append(psnr(image, reference.images[index]))
-                self.ssims.append(ssim(image, reference.images[index]))
+        references = None if reference is None else media_of(reference)
+        for index, media in enumerate(media_of(output)):
+            if references is not None:
+                self.psnrs.append(psnr(media, references[index]))
+                self.ssims.append(ssim(media, references[index]))
             if checker is not None:
-                self.passes.append(bool(checker(output.prompt, image)))
+                self.passes.append(bool(checker(output.prompt, media)))
 
     def row(self, variant: str, backend: str, steps: int, setting: dict[str, float], uncached: _Totals) -> BenchRow:
         profiled = uncached.transformer_seconds > 0 and self.transformer_seconds > 0

@@ -1,6 +1,8 @@
-"""Image quality against a reference: PSNR (float64) and SSIM, through torchmetrics."""
+"""Image and video quality against a reference: PSNR (float64) and SSIM, through torchmetrics."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -11,14 +13,23 @@ PSNR_CAP_DB = 100.0
 """Identical images have infinite PSNR; they count as this."""
 
 
-def _as_tensor(image: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float64)).permute(2, 0, 1)[None]
+Media = Image.Image | Sequence[Image.Image]
+"""An image, or the frames of a video."""
 
 
-def psnr(image: Image.Image, reference: Image.Image) -> float:
-    """Peak signal-to-noise ratio in dB over 0..255 pixels, the error summed in float64; capped at PSNR_CAP_DB."""
-    return min(PSNR_CAP_DB, float(peak_signal_noise_ratio(_as_tensor(image), _as_tensor(reference), data_range=255.0)))
+def _as_tensor(media: Media) -> torch.Tensor:
+    frames = [media] if isinstance(media, Image.Image) else list(media)
+    return torch.stack(
+        [torch.from_numpy(np.asarray(frame.convert("RGB"), dtype=np.float64)).permute(2, 0, 1) for frame in frames]
+    )
 
 
-def ssim(image: Image.Image, reference: Image.Image) -> float:
-    return float(structural_similarity_index_measure(_as_tensor(image), _as_tensor(reference), data_range=255.0))
+def psnr(media: Media, reference: Media) -> float:
+    """Peak signal-to-noise ratio in dB over 0..255 pixels (of every frame of a video together), the error summed in
+    float64; capped at PSNR_CAP_DB."""
+    return min(PSNR_CAP_DB, float(peak_signal_noise_ratio(_as_tensor(media), _as_tensor(reference), data_range=255.0)))
+
+
+def ssim(media: Media, reference: Media) -> float:
+    """Structural similarity (a video's: the mean over its frames)."""
+    return float(structural_similarity_index_measure(_as_tensor(media), _as_tensor(reference), data_range=255.0))

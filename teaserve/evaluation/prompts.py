@@ -8,6 +8,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..pipelines.default_model import SERVED_MODEL_NAME, shapes
+from .metrics import Media
 
 GENERIC_PROMPTS = (
     "a cat sitting on a windowsill at sunset",
@@ -20,11 +21,12 @@ GENERIC_PROMPTS = (
     "an astronaut riding a horse on the moon",
 )
 
-Checker = Callable[[str, Image.Image], bool]
-"""(prompt, image) -> whether the image shows what the prompt asks for."""
+Checker = Callable[[str, Media], bool]
+"""(prompt, image or video frames) -> whether it shows what the prompt asks for."""
 
 
-def check_shapes_caption(prompt: str, image: Image.Image) -> bool:
+def check_shapes_caption(prompt: str, image: Media) -> bool:
+    assert isinstance(image, Image.Image)
     return shapes.check(image, prompt).passed_all
 
 

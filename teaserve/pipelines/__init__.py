@@ -1,7 +1,16 @@
 """Model families (keyed by diffusers architecture name), loading, tiny offline builders, the default model."""
 
-from . import bagel, flux, qwen_image  # noqa: F401  (importing a family module registers it)
-from .base import GenerationDefaults, ModelFamily, ModelKnobs, PipelineInputs, TextEmbedding
+from . import bagel, cogvideox, flux, qwen_image, wan  # noqa: F401  (importing a family module registers it)
+from .base import (
+    VIDEO_TASKS,
+    GenerationDefaults,
+    KnobValueError,
+    ModelFamily,
+    ModelKnobs,
+    PipelineInputs,
+    TextEmbedding,
+    VideoKnobs,
+)
 from .loading import DTYPE_CHOICES, LoadedModel, load_model, resolve_device, resolve_dtype
 from .registry import (
     architectures_with_knob,
@@ -13,12 +22,15 @@ from .registry import (
 
 __all__ = [
     "DTYPE_CHOICES",
+    "VIDEO_TASKS",
     "GenerationDefaults",
+    "KnobValueError",
     "LoadedModel",
     "ModelFamily",
     "ModelKnobs",
     "PipelineInputs",
     "TextEmbedding",
+    "VideoKnobs",
     "architectures_with_knob",
     "editing_architectures",
     "get_family",

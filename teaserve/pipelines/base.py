@@ -11,9 +11,12 @@ from typing import Any, ClassVar, Literal
 
 import torch
 from PIL import Image
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-Task = Literal["text-to-image", "image-edit", "image-layers"]
+Task = Literal["text-to-image", "image-edit", "image-layers", "text-to-video", "image-to-video"]
+VIDEO_TASKS: tuple[Task, ...] = ("text-to-video", "image-to-video")
+MAX_FRAMES = 1024
+"""The schema's ceiling on frames per video; the engine's pixel limits decide what a server makes."""
 TextEmbedding = tuple[torch.Tensor | None, ...]
 """One text encoded by a family's `encode_text` (e.g. Qwen-Image: the embeddings and their mask or None)."""
 
@@ -69,6 +72,15 @@ BatchStepCallback = Callable[[int, torch.Tensor], None]
 """Called after each step of a batched run with the step index and the latents of every output row."""
 
 
+class KnobValueError(ValueError):
+    """A model-only parameter's value that the loaded checkpoint cannot take (`ModelFamily.check_knobs`)."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(message)
+        self.name = name
+        """The parameter."""
+
+
 class ModelKnobs(BaseModel):
     """Base of a family's model-only request parameters (e.g. how many layers to decompose an image into).
 
@@ -78,6 +90,33 @@ class ModelKnobs(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class VideoKnobs(ModelKnobs):
+    """The request parameters of every video family: how many frames, played at what rate. A family subclasses it
+    to set its own defaults and `frame_step`."""
+
+    frame_step: ClassVar[int] = 1
+    """Valid frame counts are 1 + a multiple of this (the VAE's temporal compression: 4 for CogVideoX and Wan)."""
+
+    num_frames: int = Field(default=17, ge=1, le=MAX_FRAMES, description="frames per video")
+    fps: int = Field(default=8, ge=1, le=120, description="frames per second of the encoded video")
+
+    @field_validator("num_frames")
+    @classmethod
+    def _valid_frame_count(cls, value: int) -> int:
+        if (value - 1) % cls.frame_step:
+            below = value - (value - 1) % cls.frame_step
+            raise ValueError(
+                f"num_frames must be 1 + a multiple of {cls.frame_step} for this model, e.g. {below} or "
+                f"{below + cls.frame_step}, got {value}"
+            )
+        return value
+
+    @classmethod
+    def frames_for(cls, seconds: float, fps: int) -> int:
+        """The valid frame count nearest to `seconds` of video at `fps` (at least one step of frames)."""
+        return 1 + cls.frame_step * max(1, round(seconds * fps / cls.frame_step))
 
 
 class ModelFamily:
@@ -103,6 +142,10 @@ class ModelFamily:
         return self.max_input_images > 0
 
     @property
+    def makes_video(self) -> bool:
+        return self.task in VIDEO_TASKS
+
+    @property
     def supports_mask(self) -> bool:
         return self.mask_pipeline_class is not None
 
@@ -119,6 +162,11 @@ class ModelFamily:
             self.knobs.model_validate(knobs)
         sampling = {name: value for name, value in overrides.items() if name not in knob_names}
         return dataclasses.replace(self.defaults, **sampling), knobs
+
+    def folder_defaults(self, folder: Path) -> dict[str, Any]:
+        """Defaults of the checkpoint in `folder` where they differ between this family's checkpoints (e.g. a model
+        version's frame count), keyed like teaserve.json's "defaults"; that file's own defaults go over them."""
+        return {}
 
     def matches_folder(self, folder: Path) -> bool:
         """For checkpoints published without a model_index.json: True when `folder` is one of this family's."""
@@ -201,9 +249,14 @@ class ModelFamily:
             return self.edit_size(pipe, images[0], max_pixels)
         return default
 
+    def check_knobs(self, pipe, knobs: dict[str, Any]) -> None:
+        """Raise a KnobValueError for model-only parameters (valid for the family) that the loaded checkpoint cannot
+        take."""
+
     def images_per_output(self, knobs: dict[str, Any]) -> int:
-        """Images a pipeline call makes per requested output (the engine bounds their pixels per request)."""
-        return 1
+        """Images a pipeline call makes per requested output (the engine bounds their pixels per request): a video
+        family's frames."""
+        return int(knobs["num_frames"]) if self.makes_video else 1
 
     # -- running -------------------------------------------------------------------------------
     def prepare_image(self, image: Image.Image) -> Image.Image:
@@ -225,6 +278,10 @@ class ModelFamily:
     ) -> list[Image.Image]:
         """The images of a pipeline call's output, flat, in order (`final_latents`: the last step's latents)."""
         return list(output.images)
+
+    def output_videos(self, pipe, output, inputs: PipelineInputs) -> list[list[Image.Image]]:
+        """A video family's frames of each output of a pipeline call, in order."""
+        raise NotImplementedError
 
     def call_kwargs(self, pipe, inputs: PipelineInputs) -> dict[str, Any]:
         raise NotImplementedError

@@ -88,10 +88,20 @@ def read_architecture(folder: Path) -> str:
     )
 
 
+def embedded_models() -> dict[str, Path]:
+    """The models shipped inside the package, by the name they are served under (no download)."""
+    from . import default_model
+
+    return {default_model.SERVED_MODEL_NAME: default_model.default_model_path()}
+
+
 def _local_folder(model: str) -> Path:
     path = Path(model).expanduser()
     if path.is_dir():
         return path
+    embedded = embedded_models().get(model)
+    if embedded is not None:
+        return embedded
     if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
         raise ValueError(f"model {model!r} is neither a model folder nor a Hugging Face Hub id (owner/name)")
     from diffusers import DiffusionPipeline
@@ -143,7 +153,7 @@ def load_model(
     resolved_device = resolve_device(device)
     resolved_dtype = resolve_dtype(dtype, resolved_device)
     profile = _read_profile(folder)
-    defaults, knob_defaults = family.profile_defaults(profile.get("defaults", {}))
+    defaults, knob_defaults = family.profile_defaults({**family.folder_defaults(folder), **profile.get("defaults", {})})
     logger.info("loading %s (%s) on %s as %s", folder, family.architecture, resolved_device, resolved_dtype)
     pipeline = family.load(folder, resolved_device, resolved_dtype)
     pipeline.set_progress_bar_config(disable=True)

@@ -19,7 +19,8 @@ def supported_architectures() -> list[str]:
 
 
 def editing_architectures() -> list[str]:
-    return sorted(name for name, family in _FAMILIES.items() if family.can_edit)
+    """The image-edit models (image-to-video models take an input image too, but make videos)."""
+    return sorted(name for name, family in _FAMILIES.items() if family.can_edit and not family.makes_video)
 
 
 def get_family(architecture: str) -> ModelFamily:

@@ -272,6 +272,121 @@ def build_tiny_flux(folder: str | Path, *, kind: str = "t2i", seed: int = 0) -> 
     return folder
 
 
+def _tiny_umt5_encoder():
+    """The T5 encoder of diffusers' fast video tests, as the UMT5 that Wan's checkpoints use (vocabulary cut to the
+    offline tokenizer's)."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    return UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=1000,
+            d_model=32,
+            d_kv=8,
+            d_ff=37,
+            num_layers=5,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            dropout_rate=0.0,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
+
+
+WAN_KINDS = {
+    "t2v": "WanPipeline",
+    "i2v": "WanImageToVideoPipeline",
+    "t2v_a14b": "WanPipeline",
+    "i2v_a14b": "WanImageToVideoPipeline",
+}
+"""Wan2.1 text to video; Wan2.1 image to video (with a CLIP image encoder); Wan2.2 A14B text and image to video
+(two transformers, the second for the low-noise steps, no image encoder)."""
+WAN_BOUNDARY_RATIO = 0.875
+"""Where the tiny A14B pipelines switch transformers (Wan2.2 T2V A14B's own): at timestep 875, so that 4 steps
+give each transformer 2 with the tiny scheduler, and 8 steps 4."""
+
+
+def _tiny_wan_transformer(*, image: bool, image_dim: int | None = None):
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        # Image to video: the noise, then the encoded image video and its frame mask.
+        in_channels=36 if image else 16,
+        out_channels=16,
+        text_dim=32,
+        freq_dim=256,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+        image_dim=image_dim,
+    )
+
+
+def tiny_wan_components(kind: str = "t2v", *, seed: int = 0) -> dict:
+    """The components of a tiny Wan pipeline of `kind` (see WAN_KINDS; diffusers' fast-test sizes)."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler
+
+    if kind not in WAN_KINDS:
+        raise ValueError(f"unknown kind {kind!r}; valid kinds: {', '.join(WAN_KINDS)}")
+    image, two_experts = kind.startswith("i2v"), kind.endswith("a14b")
+    torch.manual_seed(seed)
+    image_encoder_width = 4
+    components = {
+        "transformer": _tiny_wan_transformer(image=image, image_dim=image_encoder_width if kind == "i2v" else None),
+        "vae": AutoencoderKLWan(
+            base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+        ),
+        "scheduler": FlowMatchEulerDiscreteScheduler(shift=7.0),
+        "text_encoder": _tiny_umt5_encoder(),
+        "tokenizer": build_t5_tokenizer([TEST_WORDS]),
+    }
+    if kind == "i2v":
+        from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
+
+        components["image_encoder"] = CLIPVisionModel(
+            CLIPVisionConfig(
+                hidden_size=image_encoder_width,
+                projection_dim=image_encoder_width,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                image_size=32,
+                intermediate_size=16,
+                patch_size=1,
+            )
+        )
+        # The PIL processor: the default one needs torchvision.
+        components["image_processor"] = CLIPImageProcessorPil(crop_size=32, size=32)
+    if two_experts:
+        components["transformer_2"] = _tiny_wan_transformer(image=image)
+        components["boundary_ratio"] = WAN_BOUNDARY_RATIO
+    _eval(*(value for value in components.values() if isinstance(value, torch.nn.Module)))
+    return components
+
+
+def tiny_wan_pipeline(kind: str = "t2v", *, seed: int = 0):
+    """An in-memory tiny random Wan pipeline of `kind` (see WAN_KINDS)."""
+    import diffusers
+
+    components = tiny_wan_components(kind, seed=seed)
+    return getattr(diffusers, WAN_KINDS[kind])(**components)
+
+
+def build_tiny_wan(folder: str | Path, kind: str = "t2v", *, seed: int = 0) -> Path:
+    """Write a tiny random Wan pipeline of `kind` (see WAN_KINDS) to `folder`, with a profile of small defaults
+    (16x16, 9 frames at 8 fps, 4 steps), and return its path."""
+    folder = Path(folder)
+    tiny_wan_pipeline(kind, seed=seed).save_pretrained(folder)
+    defaults = {"width": 16, "height": 16, "num_inference_steps": 4, "num_frames": 9, "fps": 8}
+    write_profile(folder, served_model_name=f"teaserve/tiny-wan-{kind.replace('_', '-')}", defaults=defaults)
+    return folder
+
+
 @contextlib.contextmanager
 def small_edit_condition_images(area: int = 64 * 64):
     """Cap the area edit pipelines resize condition images to (about 1024x1024 for Qwen-Image Edit and Flux Kontext,
@@ -301,3 +416,97 @@ def small_edit_condition_images(area: int = 64 * 64):
             module.calculate_dimensions = original
         edit_plus.VAE_IMAGE_SIZE, edit_plus.CONDITION_IMAGE_SIZE = edit_plus_sizes
         kontext.PREFERRED_KONTEXT_RESOLUTIONS = kontext_resolutions
+
+
+# -- CogVideoX ------------------------------------------------------------------------------------------------------
+COGVIDEOX_KINDS = {"t2v": "CogVideoXPipeline", "i2v": "CogVideoXImageToVideoPipeline"}
+COGVIDEOX_VERSIONS = ("1.0", "1.5")
+
+
+def tiny_cogvideox_components(kind: str = "t2v", *, version: str = "1.0", seed: int = 0) -> dict:
+    """The five components of a tiny CogVideoX pipeline (diffusers' fast-test sizes), laid out like a checkpoint of
+    `version`: 1.0 text to video like 2b (sinusoidal positions), image to video like 5b-I2V (rotary positions and
+    positional embeddings learned for 16x16 and 9 frames); 1.5 like the 1.5 checkpoints (temporal patches, rotary
+    positions up to 32x32, and for image to video the ofs embedding). Two blocks each, so that every cache method
+    has a stack to skip."""
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel, DDIMScheduler
+    from transformers import T5Config, T5EncoderModel
+
+    if kind not in COGVIDEOX_KINDS:
+        raise ValueError(f"unknown kind {kind!r}; valid kinds: {', '.join(COGVIDEOX_KINDS)}")
+    if version not in COGVIDEOX_VERSIONS:
+        raise ValueError(f"unknown version {version!r}; valid versions: {', '.join(COGVIDEOX_VERSIONS)}")
+    image_to_video = kind == "i2v"
+    layout: dict = {"num_attention_heads": 4, "attention_head_dim": 8, "sample_width": 2, "sample_height": 2}
+    if version == "1.5":
+        layout = {"num_attention_heads": 2, "attention_head_dim": 16, "sample_width": 4, "sample_height": 4}
+        layout.update(patch_size_t=2, patch_bias=False, use_rotary_positional_embeddings=True)
+        if image_to_video:
+            layout["ofs_embed_dim"] = 2  # added to the time embedding: the same width
+    elif image_to_video:
+        # Rotary positions need a head width divisible by 16.
+        layout.update(num_attention_heads=2, attention_head_dim=16)
+        layout.update(use_rotary_positional_embeddings=True, use_learned_positional_embeddings=True)
+    torch.manual_seed(seed)
+    transformer = CogVideoXTransformer3DModel(
+        in_channels=8 if image_to_video else 4,  # image to video: the video's latents and the image's
+        out_channels=4,
+        time_embed_dim=2,
+        text_embed_dim=32,
+        num_layers=2,
+        sample_frames=9,
+        patch_size=2,
+        temporal_compression_ratio=4,
+        max_text_seq_length=16,
+        **layout,
+    )
+    vae = AutoencoderKLCogVideoX(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4,
+        block_out_channels=(8,) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=2,
+        temporal_compression_ratio=4,
+    )
+    text_encoder = T5EncoderModel(
+        T5Config(
+            vocab_size=1103,
+            d_model=32,
+            d_ff=37,
+            d_kv=8,
+            num_heads=4,
+            num_layers=5,
+            relative_attention_num_buckets=8,
+            dropout_rate=0.0,
+        )
+    )
+    _eval(transformer, vae, text_encoder)
+    return {
+        "transformer": transformer,
+        "vae": vae,
+        "scheduler": DDIMScheduler(),
+        "text_encoder": text_encoder,
+        "tokenizer": build_t5_tokenizer([TEST_WORDS]),
+    }
+
+
+def tiny_cogvideox_pipeline(kind: str = "t2v", *, version: str = "1.0", seed: int = 0):
+    """An in-memory tiny random CogVideoX pipeline: kind "t2v" (CogVideoXPipeline) or "i2v"
+    (CogVideoXImageToVideoPipeline), laid out like CogVideoX `version` "1.0" or "1.5"."""
+    import diffusers
+
+    components = tiny_cogvideox_components(kind, version=version, seed=seed)
+    return getattr(diffusers, COGVIDEOX_KINDS[kind])(**components)
+
+
+def build_tiny_cogvideox(folder: str | Path, kind: str = "t2v", *, version: str = "1.0", seed: int = 0) -> Path:
+    """Write a tiny random CogVideoX pipeline (kind "t2v" or "i2v", version "1.0" or "1.5") to `folder` and return
+    its path. Its profile makes 9-frame videos in 8 steps by default."""
+    folder = Path(folder)
+    tiny_cogvideox_pipeline(kind, version=version, seed=seed).save_pretrained(folder)
+    name = "teaserve/tiny-cogvideox" + ("1.5" if version == "1.5" else "") + ("-i2v" if kind == "i2v" else "")
+    write_profile(folder, served_model_name=name, defaults={"num_inference_steps": 8, "num_frames": 9})
+    return folder

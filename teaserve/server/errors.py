@@ -19,6 +19,7 @@ from ..engine import (
     QueueFullError,
     RequestCancelledError,
     RequestTimeoutError,
+    WorkerLostError,
 )
 from .protocol import ErrorInfo, ErrorResponse
 
@@ -38,6 +39,8 @@ ERROR_TYPES = {
 SHUTDOWN_RETRY_AFTER_SECONDS = 5
 """Retry-After while the server is going away: long enough for a restart or for a balancer to route elsewhere."""
 OUT_OF_MEMORY_RETRY_AFTER_SECONDS = 10
+WORKER_LOST_RETRY_AFTER_SECONDS = 1
+"""Retry-After when the worker running a request died: the other workers take the retry."""
 
 
 class OpenAIError(Exception):
@@ -75,7 +78,9 @@ def error_response(
 
 
 def _validation_message(error: Mapping[str, Any]) -> tuple[str, str | None]:
-    location = [str(part) for part in error.get("loc", ()) if part != "body"]
+    location = [str(part) for part in error.get("loc", ())]
+    if location[:1] in (["body"], ["query"], ["path"]):  # where FastAPI found it; the parameter is what follows
+        location = location[1:]
     param = ".".join(location) or None
     if error.get("type") == "json_invalid":
         return f"the request body is not valid JSON: {error.get('ctx', {}).get('error', error.get('msg'))}", None
@@ -90,6 +95,9 @@ def _validation_message(error: Mapping[str, Any]) -> tuple[str, str | None]:
         return f"unknown parameter {param!r}", param
     if error.get("type") == "missing":
         return f"missing required parameter {param!r}", param
+    cause = error.get("ctx", {}).get("error")
+    if error.get("type") == "value_error" and isinstance(cause, ValueError):  # a validator's own message
+        return str(cause), param
     shown = repr(error.get("input"))
     shown = shown if len(shown) <= 80 else shown[:77] + "..."
     return f"{param}: {error.get('msg')} (got {shown})" if param else str(error.get("msg")), param
@@ -127,6 +135,13 @@ def engine_error(error: Exception, request_id: str) -> OpenAIError:
             f"the device ran out of memory while running request {request_id}; retry later or ask for less",
             code="out_of_memory",
             headers={"retry-after": str(OUT_OF_MEMORY_RETRY_AFTER_SECONDS)},
+        )
+    if isinstance(error, WorkerLostError):
+        return OpenAIError(
+            503,
+            f"the model worker running request {request_id} stopped before it finished; retry",
+            code="worker_lost",
+            headers={"retry-after": str(WORKER_LOST_RETRY_AFTER_SECONDS)},
         )
     if isinstance(error, GenerationError):
         return OpenAIError(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from ..engine import AsyncEngine
+from ..engine import EngineClient
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ class ServerLifecycle:
     and the running request is cancelled at its next step.
     """
 
-    def __init__(self, engine: AsyncEngine, *, stall_timeout: float = DEFAULT_STALL_TIMEOUT):
+    def __init__(self, engine: EngineClient, *, stall_timeout: float = DEFAULT_STALL_TIMEOUT):
         if not stall_timeout > 0:
             raise ValueError(f"the stall timeout must be a positive number of seconds, got {stall_timeout!r}")
         self.engine = engine

@@ -14,7 +14,7 @@ from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..cache import NoCache
-from ..engine import AsyncEngine, PromptEmbeddingCache, RequestOutput
+from ..engine import EngineClient, RequestOutput
 
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -25,26 +25,27 @@ ALL_BRANCHES, OTHER_BRANCHES = "all", "other"
 class PromptCacheCollector(Collector):
     """The prompt cache's hit and miss counts, read from the engine at each scrape."""
 
-    def __init__(self, cache: PromptEmbeddingCache):
-        self.cache = cache
+    def __init__(self, engine: EngineClient):
+        self.engine = engine
 
     def collect(self) -> Iterator[CounterMetricFamily]:
+        cache = self.engine.prompt_cache
         yield CounterMetricFamily(
             "teaserve_prompt_cache_hits",
             "Prompts and negative prompts whose encoding came from the prompt cache",
-            value=self.cache.hits,
+            value=cache.hits,
         )
         yield CounterMetricFamily(
             "teaserve_prompt_cache_misses",
             "Prompts and negative prompts the text encoder encoded",
-            value=self.cache.misses,
+            value=cache.misses,
         )
 
 
 class ServerMetrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, engine: AsyncEngine):
+    def __init__(self, engine: EngineClient):
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "teaserve_requests",
@@ -72,10 +73,17 @@ class ServerMetrics:
             buckets=BATCH_SIZE_BUCKETS,
             registry=self.registry,
         )
+        self.video_jobs = Counter(
+            "teaserve_video_jobs",
+            "Video jobs by how they ended: completed, failed (a previous run's unfinished jobs at start included), "
+            "cancelled (deleted before they ended)",
+            ["status"],
+            registry=self.registry,
+        )
         self._branches: set[str] = set()
-        queue_depth = Gauge("teaserve_queue_depth", "Requests waiting for the worker", registry=self.registry)
+        queue_depth = Gauge("teaserve_queue_depth", "Requests waiting for a model worker", registry=self.registry)
         queue_depth.set_function(lambda: engine.queue_depth)
-        running = Gauge("teaserve_requests_running", "Requests the worker is running", registry=self.registry)
+        running = Gauge("teaserve_requests_running", "Requests the model workers are running", registry=self.registry)
         running.set_function(lambda: engine.num_running)
         since_progress = Gauge(
             "teaserve_seconds_since_progress",
@@ -83,7 +91,7 @@ class ServerMetrics:
             registry=self.registry,
         )
         since_progress.set_function(lambda: engine.seconds_since_progress or 0.0)
-        self.registry.register(PromptCacheCollector(engine.prompt_cache))
+        self.registry.register(PromptCacheCollector(engine))
 
     def observe(self, endpoint: str, status: int | str, seconds: float) -> None:
         self.requests.labels(endpoint, str(status)).inc()

@@ -15,6 +15,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .errors import _body
 
 REQUEST_ID_HEADER = b"x-request-id"
+API_KEY_ENV = "TEASERVE_API_KEY"
+"""The environment variable with the API key a server requires when none is given."""
 
 
 async def _send_error(send: Send, status: int, message: str, code: str | None, headers=()) -> None:
@@ -34,10 +36,12 @@ async def _send_error(send: Send, status: int, message: str, code: str | None, h
 
 
 class RequestIdMiddleware:
-    """Echo the client's X-Request-Id, or create one; handlers find it in `request.state.request_id`."""
+    """Echo the client's X-Request-Id, or create one; handlers find it in `request.state.request_id`.
 
-    def __init__(self, app: ASGIApp):
-        self.app = app
+    `answer_header=False` leaves the answer's header to a proxy in front that sets it itself."""
+
+    def __init__(self, app: ASGIApp, answer_header: bool = True):
+        self.app, self.answer_header = app, answer_header
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -46,6 +50,8 @@ class RequestIdMiddleware:
         request_id = given[:200] or str(uuid.uuid4())
         scope.setdefault("state", {})["request_id"] = request_id
         scope["state"]["client_request_id"] = bool(given)
+        if not self.answer_header:
+            return await self.app(scope, receive, send)
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from .. import __version__
+from .errors import OpenAIError
 from .protocol import ModelCard, ModelList
 
 router = APIRouter()
@@ -17,8 +18,7 @@ STARTED = int(time.time())
 
 @router.get("/v1/models", response_model=ModelList, tags=["models"])
 async def list_models(request: Request) -> ModelList:
-    engine, serving = request.app.state.engine, request.app.state.image_serving
-    model = engine.model
+    model, serving = request.app.state.engine.served_model, request.app.state.image_serving
     width, height = model.default_size
     return ModelList(
         data=[
@@ -26,8 +26,8 @@ async def list_models(request: Request) -> ModelList:
                 id=serving.served_model_name,
                 created=STARTED,
                 architecture=model.architecture,
-                can_edit=model.family.can_edit,
-                max_input_images=model.family.max_input_images,
+                can_edit=model.can_edit,
+                max_input_images=model.max_input_images,
                 default_size=f"{width}x{height}",
             )
         ]
@@ -68,3 +68,18 @@ async def metrics(request: Request) -> Response:
     registry = request.app.state.metrics
     # Rendering walks every series: keep it off the event loop.
     return Response(await asyncio.to_thread(registry.render), media_type=registry.content_type)
+
+
+videos_elsewhere_router = APIRouter(include_in_schema=False)
+"""/v1/videos of a server whose engines run in other processes."""
+
+
+@videos_elsewhere_router.api_route("/v1/videos", methods=["GET", "POST"])
+@videos_elsewhere_router.api_route("/v1/videos/{path:path}", methods=["GET", "POST", "DELETE"])
+async def videos_need_one_process() -> Response:
+    raise OpenAIError(
+        501,
+        "video jobs are kept by a server in one process (teaserve serve without --ray), next to the engine that runs "
+        "them; this server's engines run in other processes",
+        code="not_implemented",
+    )

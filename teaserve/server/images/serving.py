@@ -9,21 +9,18 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from PIL import Image
-from pydantic import ValidationError
 from starlette.background import BackgroundTask
-from starlette.datastructures import FormData, UploadFile
-from starlette.formparsers import MultiPartException
+from starlette.datastructures import FormData
 
 from ...engine import (
-    AsyncEngine,
+    EngineClient,
     EngineStoppedError,
-    GenerationRequest,
+    Generation,
     InvalidParameterError,
     OmniDiffusionSamplingParams,
     ProgressEvent,
@@ -31,10 +28,13 @@ from ...engine import (
     RequestOutput,
     SamplingFields,
 )
-from ...engine.params import json_or_text, parse_size, shown_value, values_from_strings
-from ..errors import OpenAIError, _validation_message, engine_error
+from ...engine.params import parse_size
+from ...engine.request import new_request_id
+from ..errors import OpenAIError, engine_error
+from ..forms import FormParts, read_form
 from ..lifecycle import ServerLifecycle
 from ..metrics import ServerMetrics
+from ..models import check_model_name
 from .protocol import ImageData, ImageEditRequest, ImageGenerationRequest, ImageRequestFields, ImagesResponse
 
 logger = logging.getLogger(__name__)
@@ -56,7 +56,8 @@ ABANDONED_MESSAGE = "the server stopped waiting for the request at the end of it
 
 async def cancel_on_disconnect(request: Request, work: Awaitable[T], abandoned: asyncio.Event) -> T:
     """Await `work`, cancelling it as soon as the client disconnects (the body must have been read) or the server
-    abandons waiting requests (then EngineStoppedError)."""
+    abandons waiting requests (then EngineStoppedError). Cancelling the caller cancels `work` too: a proxy in front
+    may cancel the handler of a client that went away."""
     task = asyncio.ensure_future(work)
 
     async def wait_for_disconnect() -> None:
@@ -69,9 +70,10 @@ async def cancel_on_disconnect(request: Request, work: Awaitable[T], abandoned: 
     finally:
         for watcher in watchers:
             watcher.cancel()
+        if not task.done():
+            task.cancel()
     if task in done:
         return task.result()
-    task.cancel()
     if abandoned.is_set():
         raise EngineStoppedError(ABANDONED_MESSAGE)
     raise ClientDisconnectedError
@@ -117,62 +119,29 @@ def _bad_request(error: InvalidParameterError) -> OpenAIError:
     return OpenAIError(400, str(error), param=error.param)
 
 
-@dataclass
-class EditForm:
-    """A multipart edit request sorted into its parts; nothing in it is read or decoded yet."""
+EDIT_FILE_FIELDS = {"image": "image", "image[]": "image", "mask": "mask"}
 
-    images: list[UploadFile] = field(default_factory=list)
-    masks: list[UploadFile] = field(default_factory=list)
-    fields: dict[str, str] = field(default_factory=dict)
-    cache_config: dict[str, Any] = field(default_factory=dict)
 
-    @classmethod
-    def parse(cls, form: FormData) -> EditForm:
-        """Files under image / image[] / mask; cache_config as JSON or the SDK's cache_config[name] parts; every
-        other field as text, each at most once."""
-        parts = cls()
-        for key, value in form.multi_items():
-            files = {"image": parts.images, "image[]": parts.images, "mask": parts.masks}.get(key)
-            if files is not None:
-                if not isinstance(value, UploadFile):
-                    raise OpenAIError(400, f"{key} must be a file upload", param="mask" if key == "mask" else "image")
-                files.append(value)
-            elif key == "cache_config" or key.startswith("cache_config["):
-                parts.cache_config.update(_form_cache_config(key, value))
-            elif isinstance(value, UploadFile):
-                raise OpenAIError(
-                    400, f"unexpected file in field {key!r}; files go in image, image[] or mask", param=key
-                )
-            elif key in parts.fields:
-                raise OpenAIError(400, f"parameter {key!r} was given more than once", param=key)
-            else:
-                parts.fields[key] = value
-        if not parts.images:
-            raise OpenAIError(400, "an edit needs at least one input image (field image or image[])", param="image")
-        if len(parts.masks) > 1:
-            raise OpenAIError(400, "give at most one mask", param="mask")
-        return parts
-
-    def body(self) -> ImageEditRequest:
-        """The text fields, validated like a JSON body (numbers and booleans parsed from their text)."""
-        try:
-            body = ImageEditRequest.model_validate(values_from_strings(ImageEditRequest, self.fields))
-        except ValidationError as error:
-            message, param = _validation_message(dict(error.errors()[0]))
-            raise OpenAIError(400, message, param=param) from None
-        if self.cache_config:
-            body.cache_config = self.cache_config
-        return body
+def parse_edit_form(form: FormData) -> FormParts:
+    """An edit's parts: one or more images, at most one mask (see `FormParts.parse`)."""
+    parts = FormParts.parse(form, EDIT_FILE_FIELDS)
+    if not parts.files["image"]:
+        raise OpenAIError(400, "an edit needs at least one input image (field image or image[])", param="image")
+    if len(parts.files["mask"]) > 1:
+        raise OpenAIError(400, "give at most one mask", param="mask")
+    return parts
 
 
 class ImageServing:
     """Turns OpenAI image requests into engine requests and engine outputs into OpenAI responses."""
 
-    def __init__(self, engine: AsyncEngine, model_names: list[str], metrics: ServerMetrics, lifecycle: ServerLifecycle):
+    def __init__(
+        self, engine: EngineClient, model_names: list[str], metrics: ServerMetrics, lifecycle: ServerLifecycle
+    ):
         self.engine = engine
         self.lifecycle = lifecycle
         self.served_model_name = model_names[0]
-        self.model_names = set(model_names)
+        self.model_names = model_names
         self.metrics = metrics
 
     # -- entry points --------------------------------------------------------------------------------------
@@ -184,48 +153,39 @@ class ImageServing:
         return await self._serve("image_generation", PromptInput(body.prompt), body, params, request)
 
     async def edit(self, request: Request) -> Response:
-        """Admission before work: the text fields and the number of image and mask parts are checked against the
-        model before any upload is read; the images' headers against the pixel limits before any pixel is
-        decoded; decoding runs in a worker thread."""
-        form = await self._read_form(request)
+        """The uploads go to the engine's `read_inputs` while they are open. Admission before work: an engine in
+        this process checks the text fields and the number of image and mask parts against the model before any
+        upload is read, the images' headers against the pixel limits before any pixel is decoded, and decodes in a
+        worker thread."""
+        form = await read_form(request, max_files=MAX_INPUT_IMAGES + 1, max_part_size=MAX_FORM_FIELD_BYTES)
         try:
-            parts = EditForm.parse(form)
-            body = parts.body()
+            parts = parse_edit_form(form)
+            body = parts.body(ImageEditRequest)
+            images_given, masks = parts.files["image"], parts.files["mask"]
             try:
                 params = self._params(body)
-                self.engine.check_params(params)
-                self.engine.check_inputs(len(parts.images), bool(parts.masks))
-                images, mask = await asyncio.to_thread(
-                    self.engine.open_inputs,
-                    [upload.file for upload in parts.images],
-                    parts.masks[0].file if parts.masks else None,
+                images, mask = await self.engine.read_inputs(
+                    params,
+                    [upload.file for upload in images_given],
+                    masks[0].file if masks else None,
                 )
             except InvalidParameterError as error:
                 raise _bad_request(error) from None
         finally:
             await form.close()
-        prompt = PromptInput(body.prompt, images=list(images), mask=mask)
+        prompt = PromptInput(body.prompt, images=images, mask=mask)
         return await self._serve("image_edit", prompt, body, params, request)
-
-    @staticmethod
-    async def _read_form(request: Request) -> FormData:
-        try:
-            return await request.form(
-                max_files=MAX_INPUT_IMAGES + 1, max_fields=100, max_part_size=MAX_FORM_FIELD_BYTES
-            )
-        except MultiPartException as error:
-            raise OpenAIError(400, f"invalid multipart form: {error.message}") from None
-        except AssertionError as error:  # starlette's answer to a non-multipart content type
-            raise OpenAIError(400, f"send the edit as multipart/form-data: {error}") from None
 
     # -- shared path -------------------------------------------------------------------------------------------
     def _params(self, body: ImageRequestFields) -> OmniDiffusionSamplingParams:
-        if body.model is not None and body.model not in self.model_names:
+        check_model_name(body.model, self.model_names)
+        model = self.engine.served_model
+        if model.makes_video:
             raise OpenAIError(
-                404,
-                f"The model `{body.model}` does not exist; this server serves `{self.served_model_name}`",
+                400,
+                f"model {self.served_model_name} ({model.architecture}) makes videos, not images: create them with "
+                "POST /v1/videos (client.videos.create)",
                 param="model",
-                code="model_not_found",
             )
         if body.response_format == "url":
             raise OpenAIError(
@@ -244,17 +204,6 @@ class ImageServing:
             model_knobs=body.model_knobs,
         )
 
-    def _prepare(
-        self, prompt: PromptInput, body: ImageRequestFields, params: OmniDiffusionSamplingParams, request: Request
-    ) -> GenerationRequest:
-        try:
-            prepared = self.engine.prepare(prompt, params, num_previews=body.partial_images if body.stream else 0)
-        except InvalidParameterError as error:
-            raise _bad_request(error) from None
-        if not request.state.client_request_id:  # the X-Request-Id we created is a fresh uuid: use it throughout
-            prepared.request_id = request.state.request_id
-        return prepared
-
     async def _serve(
         self,
         kind: str,
@@ -263,30 +212,36 @@ class ImageServing:
         params: OmniDiffusionSamplingParams,
         request: Request,
     ) -> Response:
-        prepared = self._prepare(prompt, body, params, request)
+        # the X-Request-Id we created is a fresh uuid: use it throughout; a client's own id may not be unique
+        request_id = new_request_id() if request.state.client_request_id else request.state.request_id
+        start = self.engine.start(
+            prompt,
+            params,
+            num_previews=body.partial_images if body.stream else 0,
+            request_id=request_id,
+            progress=body.stream,
+        )
+        try:
+            if body.stream:
+                # Admission first (bad input: 400, queue full: 429, shutting down: 503), then the 200 that starts
+                # the stream.
+                generation = await cancel_on_disconnect(request, start, self.lifecycle.abandoned)
+            else:
+                output = await cancel_on_disconnect(request, _output(start), self.lifecycle.abandoned)
+        except ClientDisconnectedError:
+            return Response(status_code=499)  # nobody reads it; the generation was cancelled
+        except InvalidParameterError as error:  # refused before any work
+            raise _bad_request(error) from None
+        except Exception as error:
+            raise engine_error(error, request_id) from None
         if body.stream:
-            # Admission first (queue full: 429, shutting down: 503), then the 200 that starts the stream.
-            try:
-                events = self.engine.stream(prepared)
-            except InvalidParameterError as error:
-                raise _bad_request(error) from None
-            except Exception as error:
-                raise engine_error(error, prepared.request_id) from None
             return StreamingResponse(
-                self._events(kind, prepared, body, events),
+                self._events(kind, generation, body),
                 media_type="text/event-stream",
                 headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
                 # a client gone before the first event never starts the iteration that would cancel the request
-                background=BackgroundTask(self.engine.cancel, prepared.request_id),
+                background=BackgroundTask(generation.cancel),
             )
-        try:
-            output = await cancel_on_disconnect(request, self.engine.generate(prepared), self.lifecycle.abandoned)
-        except ClientDisconnectedError:
-            return Response(status_code=499)  # nobody reads it; the generation was cancelled
-        except InvalidParameterError as error:  # refused at submission, before any work
-            raise _bad_request(error) from None
-        except Exception as error:
-            raise engine_error(error, prepared.request_id) from None
         self.metrics.record_output(output)
         data = await asyncio.to_thread(self._encode_all, output, body)
         response = ImagesResponse(
@@ -319,18 +274,12 @@ class ImageServing:
     def _background(images: list[Image.Image]) -> Literal["transparent", "opaque"]:
         return "transparent" if any(image.mode in ("RGBA", "LA") for image in images) else "opaque"
 
-    async def _events(
-        self,
-        kind: str,
-        prepared: GenerationRequest,
-        body: ImageRequestFields,
-        events: AsyncIterator[ProgressEvent | RequestOutput],
-    ) -> AsyncIterator[str]:
-        size = f"{prepared.width}x{prepared.height}"
+    async def _events(self, kind: str, generation: Generation, body: ImageRequestFields) -> AsyncIterator[str]:
+        size = f"{generation.width}x{generation.height}"
         common = {"output_format": body.output_format, "quality": body.quality or "auto", "size": size}
         partial_index = 0
         try:
-            async for item in until_abandoned(events, self.lifecycle.abandoned):
+            async for item in until_abandoned(generation.events(), self.lifecycle.abandoned):
                 if isinstance(item, ProgressEvent):
                     for preview in item.previews or []:
                         b64 = await asyncio.to_thread(encode_b64, preview, body.output_format, body.output_compression)
@@ -365,7 +314,11 @@ class ImageServing:
                         },
                     )
         except Exception as error:  # the status line has gone out: report the failure in the stream
-            yield f"data: {json.dumps(engine_error(error, prepared.request_id).body())}\n\n"
+            yield f"data: {json.dumps(engine_error(error, generation.request_id).body())}\n\n"
+
+
+async def _output(start: Awaitable[Generation]) -> RequestOutput:
+    return await (await start).output()
 
 
 def _sse(event: str, payload: dict[str, Any]) -> str:
@@ -382,20 +335,3 @@ def _metrics(output: RequestOutput) -> dict[str, Any]:
         "transformer_calls": metrics.transformer_calls,
         "batch_size": metrics.batch_size,
     }
-
-
-def _form_cache_config(key: str, value: Any) -> dict[str, Any]:
-    """cache_config sent in a form: a JSON object string, or the SDK's flattened cache_config[name] parts."""
-    if isinstance(value, UploadFile):
-        raise OpenAIError(400, "cache_config must be a text field", param="cache_config")
-    if key == "cache_config":
-        parsed = json_or_text(value)
-        if not isinstance(parsed, dict):
-            raise OpenAIError(
-                400, f"cache_config must be a JSON object, got {shown_value(value)}", param="cache_config"
-            )
-        return parsed
-    name = key[len("cache_config[") : -1] if key.endswith("]") else ""
-    if not name:
-        raise OpenAIError(400, f"malformed form field {shown_value(key)}", param="cache_config")
-    return {name: json_or_text(value)}

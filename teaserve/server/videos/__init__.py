@@ -1,0 +1,1 @@
+"""The OpenAI Videos API: jobs that outlive the process."""
