@@ -9,8 +9,14 @@ import torch
 from PIL import Image, ImageFilter
 
 from teaserve.cli.main import main
+from teaserve.pipelines.default_model import default_model_path
 from teaserve.pipelines.default_video_model import SERVED_MODEL_NAME, clips, default_video_model_path
-from teaserve.pipelines.default_video_model.train import TrainingConfig, train
+from teaserve.pipelines.default_video_model.train import (
+    TrainingConfig,
+    inflate_image_vae,
+    reconstruction_quality,
+    train,
+)
 
 
 def test_clips_split_and_captions():
@@ -106,9 +112,24 @@ def test_the_shipped_model_draws_held_out_captions_through_diffusers():
 
 
 # -- the recipe -----------------------------------------------------------------------------------------------------
-TOY = dataclasses.replace(
-    TrainingConfig().scaled(0.001), vae_batch=1, latent_pool=8, layers=1, transformer_batch=4
-)
+TOY = dataclasses.replace(TrainingConfig().scaled(0.001), latent_pool=8, layers=1, transformer_batch=4)
+
+
+def test_the_video_vae_is_the_image_models_vae_inflated_in_time():
+    from diffusers import AutoencoderKLQwenImage
+
+    vae = inflate_image_vae()
+    image_vae = AutoencoderKLQwenImage.from_pretrained(default_model_path() / "vae", torch_dtype=torch.float32)
+    assert (vae.config.scale_factor_spatial, vae.config.scale_factor_temporal) == (4, 4)
+    training, _ = clips.split_clips()
+    video = torch.from_numpy(clips.sample(1, training, seed=5)[0]).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+    with torch.no_grad():
+        latents = vae.encode(video).latent_dist.mode()
+        # the first frame goes through the image VAE's own path: the same latent, the same decoded frame
+        assert torch.allclose(latents[:, :, :1], image_vae.encode(video[:, :, :1]).latent_dist.mode(), atol=1e-5)
+        assert latents.shape == (1, image_vae.config.z_dim, 5, 8, 8)
+    quality = reconstruction_quality(vae, count=8)
+    assert quality["checker_passed"] == 1.0 and quality["psnr"] > 20
 
 
 def test_training_recipe_at_toy_scale_is_deterministic_and_gives_a_wan_pipeline(tmp_path):
@@ -124,7 +145,8 @@ def test_training_recipe_at_toy_scale_is_deterministic_and_gives_a_wan_pipeline(
         assert (folder / weights).read_bytes() == (again / weights).read_bytes()
     record = json.loads((folder / "training.json").read_text())
     assert record["config"]["seed"] == 0 and record["bfloat16_fidelity"]["clips"] == 8
-    assert set(record["seconds"]) == {"vae", "latents", "transformer", "decoder"}
+    assert set(record["seconds"]) == {"latents", "transformer"}
+    assert record["vae_reconstruction"]["checker_passed"] > 0.9
     assert json.loads((folder / "teaserve.json").read_text())["served_model_name"] == "teaserve/shapes-wan"
     pipeline = WanPipeline.from_pretrained(folder, dtype=torch.float32)
     assert pipeline.text_encoder.training is False and pipeline.transformer.dtype == torch.float32
@@ -134,8 +156,11 @@ def test_training_recipe_at_toy_scale_is_deterministic_and_gives_a_wan_pipeline(
 
 
 def test_train_default_video_command_trains_and_evaluates(tmp_path, capsys):
-    assert main(["train-default-video", "--out", str(tmp_path / "m"), "--scale", "0.001", "--evaluate", "2"]) == 0
+    command = ["train-default-video", "--out", str(tmp_path / "m"), "--scale", "0.001", "--evaluate", "2"]
+    assert main([*command, "--calibration-prompts", "1"]) == 0
     evaluation = json.loads((tmp_path / "m" / "evaluation.json").read_text())
     assert evaluation["held_out"] == 2 and set(evaluation) == {"held_out", *clips.ATTRIBUTES, "passed"}
     assert (tmp_path / "m" / "samples.png").is_file()
+    calibrated = json.loads((tmp_path / "m" / "teaserve.json").read_text())["cache"]["tea_cache"]
+    assert len(calibrated["coefficients"]) == 5 and calibrated["quality_table"]
     assert "held-out captions (2)" in capsys.readouterr().out

@@ -301,6 +301,12 @@ def _add_train_default_video(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", type=float, default=1.0, help="scale every stage's steps (quick trials: 0.05)")
     parser.add_argument("--evaluate", type=int, default=67, help="held-out captions to evaluate on (67 = all)")
+    parser.add_argument(
+        "--calibration-prompts",
+        type=int,
+        default=8,
+        help="training captions to calibrate TeaCache on (and half as many more to validate its fit on)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
