@@ -13,6 +13,8 @@ from teaserve.pipelines.default_model import default_model_path
 from teaserve.pipelines.default_video_model import SERVED_MODEL_NAME, clips, default_video_model_path
 from teaserve.pipelines.default_video_model.train import (
     TrainingConfig,
+    build_text_side,
+    embed_captions,
     inflate_image_vae,
     reconstruction_quality,
     train,
@@ -113,6 +115,30 @@ def test_the_shipped_model_draws_held_out_captions_through_diffusers():
 
 # -- the recipe -----------------------------------------------------------------------------------------------------
 TOY = dataclasses.replace(TrainingConfig().scaled(0.001), latent_pool=8, layers=1, transformer_batch=4)
+
+
+def test_the_text_embeddings_tell_swapped_words_apart():
+    """Wan's cross-attention sees the caption's token embeddings as a set: captions whose words only swap places
+    must give sets as far apart as captions with another colour do."""
+    from diffusers import WanPipeline
+
+    tokenizer, text_encoder = build_text_side(TrainingConfig())
+    pipeline = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=None, scheduler=None, transformer=None)
+    captions = [
+        "a red circle moving left to right on a blue background",
+        "a blue circle moving left to right on a red background",  # colours swapped
+        "a red circle moving right to left on a blue background",  # direction reversed
+        "a green circle moving left to right on a blue background",  # another colour
+    ]
+    embeddings, _ = embed_captions(pipeline, captions)
+
+    def token_set(embedding: torch.Tensor) -> torch.Tensor:  # what no order of the tokens changes
+        tokens = embedding[(embedding != 0).any(-1)]
+        return torch.cat([tokens.mean(0), (tokens.T @ tokens).flatten() / len(tokens)])
+
+    sets = [token_set(embedding) for embedding in embeddings]
+    swapped, reversed_direction, other_colour = ((sets[0] - other).norm() for other in sets[1:])
+    assert swapped > 0.5 * other_colour and reversed_direction > 0.5 * other_colour
 
 
 def test_the_video_vae_is_the_image_models_vae_inflated_in_time():
