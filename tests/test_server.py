@@ -101,6 +101,25 @@ def test_streaming_sends_partial_images_then_the_completed_one(server):
     assert np.array_equal(pixels(final), pixels(decode_b64_image(plain.data[0].b64_json)))
 
 
+def test_the_model_card_lists_the_cache_knobs_a_request_may_set(server):
+    listed = httpx.get(f"{server.url}/v1/models").json()["data"][0]
+    retrieved = httpx.get(f"{server.url}/v1/models/{listed['id']}").json()
+    assert retrieved == listed
+    assert server.client().models.retrieve(listed["id"]).model_extra["cache"] == listed["cache"]  # the SDK's call
+    assert listed["makes_video"] is False
+    assert listed["cache"] == {
+        "backend": "tea_cache",
+        # no calibrated quality table on the tiny model: no quality_target
+        "request_keys": ["enabled", "rel_l1_thresh", "max_consecutive_skips"],
+        "tuning_key": "rel_l1_thresh",
+        "defaults": {"rel_l1_thresh": 0.2, "max_consecutive_skips": None},
+        "quality_target": None,
+    }
+    unknown = httpx.get(f"{server.url}/v1/models/someone/else")
+    assert unknown.status_code == 404
+    assert unknown.json()["error"]["param"] == "model" and unknown.json()["error"]["code"] == "model_not_found"
+
+
 def test_other_output_formats(server):
     result = server.client().images.generate(
         prompt="a cat", output_format="jpeg", output_compression=80, extra_body={"num_inference_steps": 2}
