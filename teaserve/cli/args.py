@@ -104,6 +104,12 @@ def _add_serve(subparsers) -> None:
         help="where a video model keeps its jobs (videos.db) and their files, kept across restarts; one server per "
         f"folder (default: ${DATA_DIR_ENV}, else $XDG_DATA_HOME/teaserve or ~/.local/share/teaserve)",
     )
+    serve.add_argument(
+        "--no-playground",
+        dest="playground",
+        action="store_false",
+        help="do not serve the playground page at / (the API is served either way)",
+    )
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     EngineArgs.add_cli_args(serve)
     _add_scale_flags(serve)

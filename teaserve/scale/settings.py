@@ -36,6 +36,7 @@ class ScaleSettings:
     body_timeout: float = field(default=60.0, metadata={"type": _number})
     stall_timeout: float = field(default=120.0, metadata={"type": _number})
     shutdown_grace: float = field(default=30.0, metadata={"type": _number})
+    playground: bool = True
     replicas: int | None = field(default=None, metadata={"type": int})
     min_replicas: int | None = field(default=None, metadata={"type": int})
     max_replicas: int | None = field(default=None, metadata={"type": int})
@@ -49,6 +50,8 @@ class ScaleSettings:
             stall_timeout=self.stall_timeout,
             shutdown_grace=self.shutdown_grace,
         )
+        if not isinstance(self.playground, bool):
+            raise ValueError(f"playground (--no-playground) must be true or false, got {self.playground!r}")
         for name in ("replicas", "min_replicas", "max_replicas"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
