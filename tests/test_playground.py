@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import HeldServer, RunningServer, free_port, wait_until
+from conftest import HeldServer, RunningServer, decode_b64_image, free_port, png_bytes, wait_until
 from PIL import Image
 
 from teaserve.cli.args import build_parser
@@ -199,7 +199,9 @@ def test_the_page_generates_compares_and_shows_errors(browser, served_default_mo
     expect(page.locator("#model-info")).to_contain_text("teaserve/shapes-qwen-image")
     assert page.is_hidden("#error")
     assert page.text_content("#cache-backend") == "learned"
-    assert page.get_attribute("#cache-speedup", "placeholder") == "3"  # the server's default, from the model card
+    # the embedded model's profile sets a quality target, which chooses the speedup of a request that sets neither
+    assert page.get_attribute("#cache-quality_target", "placeholder") == "40"
+    assert page.get_attribute("#cache-speedup", "placeholder") == "chosen for 40 dB"
 
     # Generate: previews arrive before the final image, which comes with its seed and the cache schedule.
     page.fill("#steps", "8")
@@ -216,7 +218,7 @@ def test_the_page_generates_compares_and_shows_errors(browser, served_default_mo
     # The strip is the server's own schedule for the same request.
     same = httpx.post(
         f"{served_default_model}/v1/images/generations",
-        json={"prompt": page.input_value("#prompt"), "num_inference_steps": 8, "seed": 7, "size": "64x64"},
+        json={"prompt": page.input_value("#prompt"), "num_inference_steps": 8, "seed": 7},
         headers={"Authorization": f"Bearer {API_KEY}"},
         timeout=120,
     ).json()
@@ -284,3 +286,74 @@ def test_the_page_makes_a_video_and_plays_it(browser, tiny_wan_t2v, tmp_path, ar
         page.close()
     finally:
         server.stop()
+
+
+def drop_files(page, selector: str, files: dict[str, bytes]) -> None:
+    """Drop PNG files on `selector` as a user dragging them from a file manager would."""
+    transfer = page.evaluate_handle(
+        """files => {
+            const transfer = new DataTransfer();
+            for (const [name, b64] of Object.entries(files)) {
+                const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+                transfer.items.add(new File([bytes], name, {type: 'image/png'}));
+            }
+            return transfer;
+        }""",
+        {name: base64.b64encode(data).decode() for name, data in files.items()},
+    )
+    page.dispatch_event(selector, "drop", {"dataTransfer": transfer})
+
+
+def edit_in_page(browser, url, picked: dict[str, bytes], dropped: dict[str, bytes], mask: bytes | None):
+    """Edit in the page: `picked` files chosen with the file input, `dropped` ones dropped, an optional mask."""
+    page, problems = open_page(browser, url)
+    page.check("input[name=mode][value=edit]")
+    assert page.is_visible("#edit-inputs") and page.get_attribute("#size", "placeholder") == "the first image's"
+    page.fill("#prompt", "make it blue")
+    page.fill("#steps", "2")
+    page.fill("#seed", "3")
+    for name, data in picked.items():
+        page.set_input_files("#images", files=[{"name": name, "mimeType": "image/png", "buffer": data}])
+    drop_files(page, "#drop-zone", dropped)
+    assert page.locator("#image-list li span").all_inner_texts() == [*picked, *dropped]
+    if mask is not None:
+        page.set_input_files("#mask", files=[{"name": "mask.png", "mimeType": "image/png", "buffer": mask}])
+    page.click("#run")
+    page.wait_for_selector("#final-image[src]")
+    assert page.locator("#event-log li").all_inner_texts()[-1] == "final image"
+    assert problems == []
+    return page
+
+
+def edit_directly(url, images: list[bytes], mask: bytes | None):
+    files = [("image[]", (f"{index}.png", data, "image/png")) for index, data in enumerate(images)]
+    if mask is not None:
+        files.append(("mask", ("mask.png", mask, "image/png")))
+    fields = {"prompt": "make it blue", "num_inference_steps": "2", "seed": "3"}
+    response = httpx.post(f"{url}/v1/images/edits", data=fields, files=files, timeout=120)
+    assert response.status_code == 200, response.text
+    return np.asarray(decode_b64_image(response.json()["data"][0]["b64_json"]).convert("RGB"), dtype=np.float64)
+
+
+RED, GREEN = (png_bytes(Image.new("RGB", (40, 48), colour)) for colour in ("red", "green"))
+
+
+def test_the_page_edits_several_picked_and_dropped_images(browser, tiny_edit_plus, small_edits, artifacts):
+    with RunningServer(build_app(AsyncEngine(str(tiny_edit_plus), cache_backend="tea_cache"))) as server:
+        page = edit_in_page(browser, server.url, {"red.png": RED}, {"green.png": GREEN}, mask=None)
+        # the page sent both images, in order: the server makes the same image from them
+        assert np.array_equal(image_of(page, "#final-image"), edit_directly(server.url, [RED, GREEN], None))
+        assert not np.array_equal(image_of(page, "#final-image"), edit_directly(server.url, [RED], None))
+        page.screenshot(path=str(artifacts / "edit.png"), full_page=True)
+        page.close()
+
+
+def test_the_page_sends_the_mask_of_an_edit(browser, tiny_edit, small_edits):
+    mask_image = Image.new("RGBA", (40, 48), (0, 0, 0, 255))
+    mask_image.paste((0, 0, 0, 0), (0, 0, 20, 48))  # the transparent left half is repainted
+    mask = png_bytes(mask_image)
+    with RunningServer(build_app(AsyncEngine(str(tiny_edit), cache_backend="tea_cache"))) as server:
+        page = edit_in_page(browser, server.url, {"red.png": RED}, {}, mask=mask)
+        assert np.array_equal(image_of(page, "#final-image"), edit_directly(server.url, [RED], mask))
+        assert not np.array_equal(image_of(page, "#final-image"), edit_directly(server.url, [RED], None))
+        page.close()

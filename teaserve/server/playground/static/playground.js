@@ -418,6 +418,14 @@ function addImages(files) {
 }
 
 // -- the served model ------------------------------------------------------------------------------------------
+/** What a cache knob left blank means for the request. */
+function knobPlaceholder(cache, key) {
+  if (key === "quality_target") return cache.quality_target === null ? "none" : String(cache.quality_target);
+  if (key === cache.tuning_key && cache.quality_target !== null) return `chosen for ${cache.quality_target} dB`;
+  const fallback = cache.defaults[key];
+  return fallback === null || fallback === undefined ? "server default" : String(fallback);
+}
+
 function showCacheKnobs(cache) {
   $("cache-backend").textContent = cache.backend;
   const settings = $("cache-settings");
@@ -433,8 +441,7 @@ function showCacheKnobs(cache) {
     input.step = "any";
     input.id = `cache-${key}`;
     input.dataset.key = key;
-    const fallback = key === "quality_target" ? cache.quality_target : cache.defaults[key];
-    input.placeholder = fallback === null || fallback === undefined ? "server default" : String(fallback);
+    input.placeholder = knobPlaceholder(cache, key);
     label.append(input);
     settings.append(label);
   }
@@ -453,6 +460,8 @@ function updateMode() {
   $("edit-inputs").hidden = current !== "edit";
   $("video-inputs").hidden = current !== "video";
   $("partial-images").closest("label").hidden = current === "video"; // the Videos API streams no previews
+  // Left blank, an edit keeps the first image's size (rounded to the model's multiple).
+  $("size").placeholder = current === "edit" ? "the first image's" : (servedModel?.default_size ?? "the model's");
   $("run").textContent = { generate: "Generate", edit: "Edit", video: "Make video" }[current];
   $("run").disabled = busy || servedModel === null;
   $("compare").disabled = busy || current === "video" || !cacheRuns();
@@ -463,7 +472,6 @@ function showModel(card) {
   $("model-info").textContent =
     `${card.id} (${card.architecture}), default size ${card.default_size}` +
     (card.makes_video ? ", makes videos" : card.can_edit ? `, edits up to ${card.max_input_images} images` : "");
-  if (!$("size").value) $("size").value = card.default_size;
   const available = { generate: !card.makes_video, edit: !card.makes_video && card.can_edit, video: card.makes_video };
   for (const radio of document.querySelectorAll("input[name=mode]")) {
     radio.disabled = !available[radio.value];
