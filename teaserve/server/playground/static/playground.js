@@ -3,8 +3,8 @@
 
 const $ = (id) => document.getElementById(id);
 const KEY_STORAGE = "teaserve.apiKey";
-const DIFF_GAIN = 4;
 /** The difference image shows |uncached - cached| times this, so that small differences are visible. */
+const DIFF_GAIN = 4;
 const POLL_MS = 500;
 
 let servedModel = null;
@@ -41,7 +41,10 @@ function parseJson(text) {
   );
 }
 
+/** Digits as the integer they spell, every digit kept where the browser can; anything else as text, which the
+ * server refuses with a message naming the seed. */
 function seedValue(text) {
+  if (!/^[0-9]+$/.test(text)) return text;
   return typeof JSON.rawJSON === "function" ? JSON.rawJSON(text) : Number(text);
 }
 
