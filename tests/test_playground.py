@@ -90,6 +90,7 @@ def test_the_serve_flag_turns_the_playground_off():
     parser = build_parser()
     assert parser.parse_args(["serve"]).playground is True
     assert parser.parse_args(["serve", "--no-playground"]).playground is False
+    assert parser.parse_args(["serve", "--no-playground", "--playground"]).playground is True
 
 
 # -- in a browser ----------------------------------------------------------------------------------------------------

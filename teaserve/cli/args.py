@@ -105,10 +105,10 @@ def _add_serve(subparsers) -> None:
         f"folder (default: ${DATA_DIR_ENV}, else $XDG_DATA_HOME/teaserve or ~/.local/share/teaserve)",
     )
     serve.add_argument(
-        "--no-playground",
-        dest="playground",
-        action="store_false",
-        help="do not serve the playground page at / (the API is served either way)",
+        "--playground",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="serve the playground page at / (default; --no-playground: the API alone)",
     )
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     EngineArgs.add_cli_args(serve)
