@@ -166,12 +166,18 @@ def test_serve_config_args_are_the_serve_flags_read_as_on_the_command_line():
             "request_timeout": "0",
             "max_queue_size": 4,  # a config file gives typed values
             "replica_gpus": 0.5,
+            "playground": "false",
         }
     )
     assert settings.autoscaling and (settings.min_replicas, settings.max_replicas) == (None, 4)
     assert settings.engine.model == "org/model" and settings.engine.cache_config == {"rel_l1_thresh": 0.3}
     assert settings.engine.request_timeout is None and settings.engine.max_queue_size == 4
-    assert settings.replica_gpus == 0.5 and settings.torch_threads == 1
+    assert settings.replica_gpus == 0.5 and settings.torch_threads == 1 and settings.playground is False
+    assert ScaleSettings.from_options({"playground": True}).playground is True
+    with pytest.raises(ValueError, match=r"playground \(--playground\): must be true or false, got 'off'"):
+        ScaleSettings.from_options({"playground": "off"})
+    with pytest.raises(ValueError, match=r"playground \(--playground\) must be true or false, got 1"):
+        ScaleSettings.from_options({"playground": 1})
     with pytest.raises(ValueError, match=r"unknown teaserve setting 'replica'; valid settings: api_key, "):
         ScaleSettings.from_options({"replica": 2})
     with pytest.raises(ValueError, match=r"min_replicas <= replicas <= max_replicas, got 1 <= 5 <= 4"):

@@ -39,11 +39,14 @@ def test_swapping_backends_between_requests(engine):
     try:
         assert engine.use_cache_backend(tea_cache).name == "none"
         assert engine.cache is tea_cache and engine.cache_backend_name == "tea_cache"
+        served = engine.served_model.cache  # what the model card tells clients follows the swap
+        assert served.backend == "tea_cache" and served.defaults["rel_l1_thresh"] == 1e9
         skipping = generate(engine)
         never_skipping = generate(engine, {"rel_l1_thresh": 1e-9})
     finally:
         engine.use_cache_backend(engine.create_cache_backend("none"))
     back = generate(engine)
+    assert engine.served_model.cache.backend == "none" and engine.served_model.cache.request_keys == ("enabled",)
     assert skipping.metrics.cache["skipped_steps"] == 2 * (STEPS - 2)  # both CFG branches: all but first and last
     assert never_skipping.metrics.cache["skipped_steps"] == 0
     assert np.array_equal(pixels(never_skipping.images[0]), pixels(reference.images[0]))

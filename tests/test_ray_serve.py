@@ -147,6 +147,7 @@ def test_bad_input_is_refused_by_a_replica_with_a_400_naming_the_parameter(ray_s
     assert refused.value.body["param"] == "image" and "text only" in refused.value.body["message"]
     (card,) = client.models.list().data
     assert card.id == "teaserve/shapes-qwen-image" and card.model_extra["default_size"] == "64x64"
+    assert card.model_extra["cache"]["backend"] == "tea_cache"  # the replicas' report of their backend
     ready = httpx.get(f"{ray_server.url}/ready")
     assert ready.status_code == 200 and ready.json()["ready"] is True
     videos = httpx.post(f"{ray_server.url}/v1/videos", json={"prompt": "a circle"})

@@ -101,6 +101,43 @@ def test_streaming_sends_partial_images_then_the_completed_one(server):
     assert np.array_equal(pixels(final), pixels(decode_b64_image(plain.data[0].b64_json)))
 
 
+def test_the_model_card_lists_the_cache_knobs_a_request_may_set(server):
+    listed = httpx.get(f"{server.url}/v1/models").json()["data"][0]
+    retrieved = httpx.get(f"{server.url}/v1/models/{listed['id']}").json()
+    assert retrieved == listed
+    assert server.client().models.retrieve(listed["id"]).model_extra["cache"] == listed["cache"]  # the SDK's call
+    assert listed["makes_video"] is False
+    assert listed["cache"] == {
+        "backend": "tea_cache",
+        # no calibrated quality table on the tiny model: no quality_target
+        "request_keys": ["enabled", "rel_l1_thresh", "max_consecutive_skips"],
+        "tuning_key": "rel_l1_thresh",
+        "defaults": {"rel_l1_thresh": 0.2, "max_consecutive_skips": None},
+        "quality_target": None,
+    }
+    unknown = httpx.get(f"{server.url}/v1/models/someone/else")
+    assert unknown.status_code == 404
+    assert unknown.json()["error"]["param"] == "model" and unknown.json()["error"]["code"] == "model_not_found"
+
+
+def test_stream_progress_sends_one_progress_event_per_step(server):
+    client = server.client()
+    events = list(
+        client.images.generate(
+            prompt="a cat",
+            stream=True,
+            partial_images=1,
+            extra_body={"num_inference_steps": 4, "seed": 1, "stream_progress": True},
+        )
+    )
+    kinds = [event.type for event in events]
+    assert kinds.count("image_generation.progress") == 4 and kinds[-1] == "image_generation.completed"
+    assert [event.model_extra["step"] for event in events if event.type == "image_generation.progress"] == [1, 2, 3, 4]
+    assert {event.model_extra["num_steps"] for event in events if event.type == "image_generation.progress"} == {4}
+    plain = client.images.generate(prompt="a cat", stream=True, extra_body={"num_inference_steps": 4, "seed": 1})
+    assert [event.type for event in plain] == ["image_generation.completed"]
+
+
 def test_other_output_formats(server):
     result = server.client().images.generate(
         prompt="a cat", output_format="jpeg", output_compression=80, extra_body={"num_inference_steps": 2}

@@ -245,6 +245,12 @@ class CacheBackend(ABC):
         self.check_method_overrides(own)
         return overrides
 
+    def request_defaults(self) -> dict[str, Any]:
+        """What each of the method's request keys other than `enabled` is for a request that leaves it out: the server
+        settings in force, as the method parsed them into its `config`."""
+        config = getattr(self, "config", None)
+        return {key: getattr(config, key) for key in self.request_keys if key != "enabled" and hasattr(config, key)}
+
     def check_method_overrides(self, overrides: dict[str, Any]) -> None:
         """Raise a CacheSettingsError if the method's own request keys carry bad values (no I/O): by default each
         value present goes through its `request_checks` entry."""

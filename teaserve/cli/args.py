@@ -104,6 +104,12 @@ def _add_serve(subparsers) -> None:
         help="where a video model keeps its jobs (videos.db) and their files, kept across restarts; one server per "
         f"folder (default: ${DATA_DIR_ENV}, else $XDG_DATA_HOME/teaserve or ~/.local/share/teaserve)",
     )
+    serve.add_argument(
+        "--playground",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="serve the playground page at / (default; --no-playground: the API alone)",
+    )
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     EngineArgs.add_cli_args(serve)
     _add_scale_flags(serve)

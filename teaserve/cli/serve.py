@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
         body_timeout=args.body_timeout,
         stall_timeout=args.stall_timeout,
         data_dir=args.data_dir,
+        playground=args.playground,
     )
     logger.info(
         "serving %s (%s) with cache backend %s on http://%s:%d",

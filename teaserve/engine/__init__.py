@@ -4,7 +4,7 @@ AsyncEngine and Omni, and the interface a server needs of an engine (EngineClien
 from .args import DEFAULT_MAX_QUEUE_SIZE, EngineArgs
 from .async_engine import AsyncEngine, LocalGeneration, RequestHandle
 from .cache_profile import CacheProfile
-from .client import CacheCounts, EngineClient, Generation, ServedModel
+from .client import CacheCounts, EngineClient, Generation, ServedCache, ServedModel
 from .errors import (
     DeviceOutOfMemoryError,
     EngineStoppedError,
@@ -54,6 +54,7 @@ __all__ = [
     "RequestOutput",
     "RequestTimeoutError",
     "SamplingFields",
+    "ServedCache",
     "ServedModel",
     "WorkerLostError",
     "decode_mp4",

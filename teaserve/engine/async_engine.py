@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import math
@@ -25,7 +26,7 @@ from ..cache.base import QUALITY_TARGET, check_quality_target
 from ..pipelines import KnobValueError, LoadedModel, architectures_with_knob, editing_architectures, load_model
 from .args import EngineArgs
 from .cache_profile import CacheProfile
-from .client import ServedModel
+from .client import ServedCache, ServedModel
 from .errors import (
     DeviceOutOfMemoryError,
     EngineStoppedError,
@@ -97,7 +98,6 @@ class AsyncEngine:
         else:
             self.model = load_model(args.model, device=args.device, dtype=args.dtype)
         self.cache_profile.check_transformer(self.model.pipeline.transformer)
-        self.served_model = ServedModel.of(self.model)
         backend_name = resolve_backend_name(args.cache_backend, self.model.default_cache_backend)
         self.prompt_cache = PromptEmbeddingCache(args.prompt_cache_size)
         """Encoded prompts kept for reuse; its `hits` and `misses` count the worker's look-ups."""
@@ -108,6 +108,7 @@ class AsyncEngine:
             batched_runs=args.batched_runs,
             profile=args.profile,
         )
+        self.served_model = ServedModel.of(self.model, self.cache)
         self.max_queue_size = args.max_queue_size
         self._queue: queue.Queue[RequestHandle | None] = queue.Queue(maxsize=args.max_queue_size)
         self._run_lock = threading.Lock()
@@ -167,6 +168,7 @@ class AsyncEngine:
                     raise busy
             previous = self._worker.cache
             self._worker.use_cache(backend)
+            self.served_model = dataclasses.replace(self.served_model, cache=ServedCache.of(backend))
         finally:
             self._run_lock.release()
         return previous

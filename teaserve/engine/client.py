@@ -5,14 +5,44 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
+from ..cache import CacheBackend
+from ..cache.base import QUALITY_TARGET
 from .images import ImageSource
 from .params import OmniDiffusionSamplingParams
 from .request import ProgressEvent, PromptInput, RequestOutput
 
 if TYPE_CHECKING:
     from ..pipelines import LoadedModel
+
+
+@dataclass(frozen=True)
+class ServedCache:
+    """The cache backend requests run with, as far as a request can tune it (its `cache_config`)."""
+
+    backend: str
+    request_keys: tuple[str, ...]
+    """The keys a request's cache_config may carry; `quality_target` only where the backend has a calibrated
+    quality table to choose its tuning value from."""
+    tuning_key: str | None
+    """The key that trades speed for quality (larger = faster)."""
+    defaults: dict[str, Any]
+    """The value of each request key other than `enabled` for a request that leaves it out."""
+    quality_target: float | None
+    """The quality target (mean PSNR in dB against uncached) that chooses the tuning value of a request that sets
+    neither; None: the tuning value's default applies."""
+
+    @classmethod
+    def of(cls, backend: CacheBackend) -> ServedCache:
+        calibrated = backend.tuning_key is not None and backend.quality.table is not None
+        return cls(
+            backend=backend.name,
+            request_keys=(*backend.request_keys, QUALITY_TARGET) if calibrated else backend.request_keys,
+            tuning_key=backend.tuning_key,
+            defaults=backend.request_defaults(),
+            quality_target=backend.quality.target,
+        )
 
 
 @dataclass(frozen=True)
@@ -26,9 +56,10 @@ class ServedModel:
     max_input_images: int
     default_size: tuple[int, int]
     makes_video: bool
+    cache: ServedCache
 
     @classmethod
-    def of(cls, model: LoadedModel) -> ServedModel:
+    def of(cls, model: LoadedModel, cache: CacheBackend) -> ServedModel:
         return cls(
             name=model.name,
             source=model.source,
@@ -37,6 +68,7 @@ class ServedModel:
             max_input_images=model.family.max_input_images,
             default_size=model.default_size,
             makes_video=model.family.makes_video,
+            cache=ServedCache.of(cache),
         )
 
 

@@ -159,6 +159,7 @@ class Ingress:
             body_timeout=settings.body_timeout,
             stall_timeout=settings.stall_timeout,
             request_id_header=False,  # Serve's proxy sets X-Request-Id on requests and answers
+            playground=settings.playground,
         )
         app.state.metrics.registry.register(ReplicaCollector(self.client))
         return app

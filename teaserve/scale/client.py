@@ -42,6 +42,7 @@ from ..engine import (
     PromptInput,
     QueueFullError,
     RequestOutput,
+    ServedCache,
     ServedModel,
     WorkerLostError,
 )
@@ -87,7 +88,9 @@ class ReplicaReport:
     def from_dict(cls, report: dict[str, Any]) -> ReplicaReport:
         """The report as `dataclasses.asdict` gave it to the board."""
         model = report["served_model"]
-        return cls(**{**report, "served_model": ServedModel(**{**model, "default_size": tuple(model["default_size"])})})
+        cache = ServedCache(**{**model["cache"], "request_keys": tuple(model["cache"]["request_keys"])})
+        served = ServedModel(**{**model, "default_size": tuple(model["default_size"]), "cache": cache})
+        return cls(**{**report, "served_model": served})
 
 
 @dataclass(frozen=True)

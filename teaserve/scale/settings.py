@@ -19,6 +19,14 @@ def _number(text: str) -> float:
     return float(text)
 
 
+def _boolean(text: str) -> bool:
+    """`true` or `false` (any case), as `serve run ... playground=false` gives it."""
+    value = {"true": True, "false": False}.get(text.strip().lower())
+    if value is None:
+        raise ValueError(f"must be true or false, got {text!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class ScaleSettings:
     """The engine settings every replica loads its model with, the HTTP settings of the ingress, and how many
@@ -36,6 +44,7 @@ class ScaleSettings:
     body_timeout: float = field(default=60.0, metadata={"type": _number})
     stall_timeout: float = field(default=120.0, metadata={"type": _number})
     shutdown_grace: float = field(default=30.0, metadata={"type": _number})
+    playground: bool = field(default=True, metadata={"type": _boolean})
     replicas: int | None = field(default=None, metadata={"type": int})
     min_replicas: int | None = field(default=None, metadata={"type": int})
     max_replicas: int | None = field(default=None, metadata={"type": int})
@@ -49,6 +58,8 @@ class ScaleSettings:
             stall_timeout=self.stall_timeout,
             shutdown_grace=self.shutdown_grace,
         )
+        if not isinstance(self.playground, bool):
+            raise ValueError(f"{setting_name('playground')} must be true or false, got {self.playground!r}")
         for name in ("replicas", "min_replicas", "max_replicas"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):

@@ -17,6 +17,7 @@ from .images.serving import ImageServing
 from .lifecycle import DEFAULT_STALL_TIMEOUT, ServerLifecycle
 from .metrics import RequestMetricsMiddleware, ServerMetrics
 from .middleware import ApiKeyMiddleware, BodyLimitMiddleware, RequestIdMiddleware
+from .playground.router import playground_router
 from .routes import router as system_router
 from .routes import videos_elsewhere_router
 from .videos.router import router as videos_router
@@ -48,6 +49,7 @@ def build_app(
     shutdown_engine: bool = True,
     data_dir: str | Path | None = None,
     request_id_header: bool = True,
+    playground: bool = True,
 ) -> FastAPI:
     """An OpenAI-compatible app serving `engine`'s model. The engine is shut down with the app by default.
 
@@ -56,6 +58,7 @@ def build_app(
     `data_dir`: where a video model keeps its jobs and their files (default: $TEASERVE_DATA_DIR, else the user's
     data folder); one server per folder. A model that makes images stores nothing.
     `request_id_header`: answer with X-Request-Id; False behind a proxy that sets it on requests and answers.
+    `playground`: serve the playground page at / (public; the API calls it makes carry the key typed into it).
     """
     lifecycle = ServerLifecycle(engine, stall_timeout=stall_timeout)
 
@@ -90,6 +93,8 @@ def build_app(
         app.state.video_serving = None
         app.include_router(videos_elsewhere_router)
     app.include_router(system_router)
+    if playground:
+        app.include_router(playground_router())
     install_error_handlers(app)
     if api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=api_key)

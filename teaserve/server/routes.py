@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 from fastapi import APIRouter, Request
@@ -10,28 +11,38 @@ from fastapi.responses import JSONResponse, Response
 
 from .. import __version__
 from .errors import OpenAIError
-from .protocol import ModelCard, ModelList
+from .models import check_model_name
+from .protocol import CacheCard, ModelCard, ModelList
 
 router = APIRouter()
 STARTED = int(time.time())
 
 
-@router.get("/v1/models", response_model=ModelList, tags=["models"])
-async def list_models(request: Request) -> ModelList:
+def _model_card(request: Request) -> ModelCard:
     model, serving = request.app.state.engine.served_model, request.app.state.image_serving
     width, height = model.default_size
-    return ModelList(
-        data=[
-            ModelCard(
-                id=serving.served_model_name,
-                created=STARTED,
-                architecture=model.architecture,
-                can_edit=model.can_edit,
-                max_input_images=model.max_input_images,
-                default_size=f"{width}x{height}",
-            )
-        ]
+    return ModelCard(
+        id=serving.served_model_name,
+        created=STARTED,
+        architecture=model.architecture,
+        can_edit=model.can_edit,
+        max_input_images=model.max_input_images,
+        default_size=f"{width}x{height}",
+        makes_video=model.makes_video,
+        cache=CacheCard(**dataclasses.asdict(model.cache)),
     )
+
+
+@router.get("/v1/models", response_model=ModelList, tags=["models"])
+async def list_models(request: Request) -> ModelList:
+    return ModelList(data=[_model_card(request)])
+
+
+@router.get("/v1/models/{model:path}", response_model=ModelCard, tags=["models"])
+async def retrieve_model(model: str, request: Request) -> ModelCard:
+    """The served model by any name it answers to (model ids may hold a slash)."""
+    check_model_name(model, request.app.state.image_serving.model_names)
+    return _model_card(request)
 
 
 @router.get("/health", tags=["system"])

@@ -31,6 +31,11 @@ class ImageRequestFields(SamplingFields):
     safety_identifier: str | None = None
     stream: bool = False
     partial_images: int = Field(default=0, ge=0, le=3)
+    stream_progress: bool = Field(
+        default=False,
+        description="teaserve: with stream, also send an image_generation.progress event (image_edit.progress for "
+        "edits) after every denoising step, with `step` (steps done) and `num_steps`",
+    )
 
     @property
     def model_knobs(self) -> dict[str, Any]:

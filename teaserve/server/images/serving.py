@@ -281,6 +281,9 @@ class ImageServing:
         try:
             async for item in until_abandoned(generation.events(), self.lifecycle.abandoned):
                 if isinstance(item, ProgressEvent):
+                    if body.stream_progress:
+                        progress = {"type": f"{kind}.progress", "step": item.step, "num_steps": item.total}
+                        yield _sse(f"{kind}.progress", progress)
                     for preview in item.previews or []:
                         b64 = await asyncio.to_thread(encode_b64, preview, body.output_format, body.output_compression)
                         yield _sse(
