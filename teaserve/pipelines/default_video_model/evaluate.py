@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw
 
 from ..loading import MODEL_PROFILE_FILE
 from . import clips
+from .clips import Check, Clip
 
 SHEET_FRAMES = (0, 4, 8, 12, 16)
 """The frames of each clip the sample sheet shows."""
@@ -19,10 +20,10 @@ SHEET_FRAMES = (0, 4, 8, 12, 16)
 
 @dataclass
 class Evaluation:
-    clips: list[clips.Clip]
+    clips: list[Clip]
     videos: np.ndarray
     """Generated frames, float (N, F, H, W, 3) in [0, 1]."""
-    checks: list[clips.Check]
+    checks: list[Check]
 
     def accuracy(self) -> dict[str, float]:
         """Fraction right per attribute, plus `passed` (every attribute right)."""
@@ -42,7 +43,7 @@ def load_pipeline(model: str | Path):
 
 def evaluate(
     model: str | Path,
-    items: list[clips.Clip],
+    items: list[Clip],
     *,
     steps: int | None = None,
     guidance_scale: float | None = None,
