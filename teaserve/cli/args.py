@@ -299,6 +299,22 @@ def _add_train_default(subparsers) -> None:
     parser.add_argument("--evaluate", type=int, default=302, help="held-out captions to evaluate on (302 = all)")
 
 
+def _add_train_default_video(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train-default-video", help="retrain the embedded video model teaserve/shapes-wan (about an hour of CPU)"
+    )
+    parser.add_argument("--out", required=True, help="folder to write the trained pipeline to")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scale", type=float, default=1.0, help="scale every stage's steps (quick trials: 0.05)")
+    parser.add_argument("--evaluate", type=int, default=67, help="held-out captions to evaluate on (67 = all)")
+    parser.add_argument(
+        "--calibration-prompts",
+        type=int,
+        default=8,
+        help="training captions to calibrate TeaCache on (and half as many more to validate its fit on)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="teaserve", description="OpenAI-compatible diffusion server with training-free step caching."
@@ -310,4 +326,5 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(subparsers)
     _add_calibrate(subparsers)
     _add_train_default(subparsers)
+    _add_train_default_video(subparsers)
     return parser

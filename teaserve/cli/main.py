@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
         from .calibrate import run
     elif args.command == "train-default":
         from .train_default import run
+    elif args.command == "train-default-video":
+        from .train_default_video import run
     try:
         return run(args)
     except ValueError as error:  # bad input: one clear line, no traceback

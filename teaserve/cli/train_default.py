@@ -10,7 +10,7 @@ import dataclasses
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..cache import TeaCacheBackend
@@ -41,28 +41,15 @@ def run(args: argparse.Namespace) -> int:
 def calibrate_and_evaluate(folder: Path, evaluate_count: int, log: Callable[[str], None]) -> None:
     """Fit TeaCache's coefficients to a trained shapes model and measure its quality table (into its
     teaserve.json), then check it on held-out captions (evaluation.json, samples.png)."""
-    log("calibrating TeaCache on training captions")
     captions = [scene.caption for scene in shapes.split_scenes()[0]]
-    calibration_prompts = captions[:CALIBRATION_PROMPTS]
-    validation = captions[CALIBRATION_PROMPTS : CALIBRATION_PROMPTS + VALIDATION_PROMPTS]
-    model = load_model(str(folder))
-    calibration = calibrate(
-        model,
-        [TeaCacheBackend.name],
-        calibration_prompts,
-        validation,
+    calibrate_teacache(
+        folder,
+        captions[:CALIBRATION_PROMPTS],
+        captions[CALIBRATION_PROMPTS : CALIBRATION_PROMPTS + VALIDATION_PROMPTS],
         CALIBRATION_SEEDS,
-        OmniDiffusionSamplingParams(),
         CALIBRATION_STEPS,
         log,
     )
-    record = calibration.profile()
-    print("\n".join(calibration.report()))
-    (folder / "teacache-profile.json").write_text(json.dumps(record, indent=2) + "\n")
-    model_profile = json.loads((folder / MODEL_PROFILE_FILE).read_text())
-    model_profile["cache"] = record["cache"]
-    (folder / MODEL_PROFILE_FILE).write_text(json.dumps(model_profile, indent=2) + "\n")
-
     log("evaluating on held-out captions")
     _, held_out = shapes.split_scenes()
     evaluation = evaluate(folder, held_out[:evaluate_count])
@@ -79,3 +66,32 @@ def calibrate_and_evaluate(folder: Path, evaluate_count: int, log: Callable[[str
         f"wrote {folder} (teaserve.json with calibrated TeaCache coefficients and quality table, samples.png, "
         "evaluation.json)"
     )
+
+
+def calibrate_teacache(
+    folder: Path,
+    prompts: Sequence[str],
+    validation_prompts: Sequence[str],
+    seeds: Sequence[int],
+    step_counts: Sequence[int],
+    log: Callable[[str], None],
+) -> None:
+    """Calibrate TeaCache on a trained model folder with its default sampling: the whole record into
+    teacache-profile.json, the coefficients and quality table into its teaserve.json."""
+    log("calibrating TeaCache on training captions")
+    calibration = calibrate(
+        load_model(str(folder)),
+        [TeaCacheBackend.name],
+        prompts,
+        validation_prompts,
+        seeds,
+        OmniDiffusionSamplingParams(),
+        step_counts,
+        log,
+    )
+    record = calibration.profile()
+    print("\n".join(calibration.report()))
+    (folder / "teacache-profile.json").write_text(json.dumps(record, indent=2) + "\n")
+    model_profile = json.loads((folder / MODEL_PROFILE_FILE).read_text())
+    model_profile["cache"] = record["cache"]
+    (folder / MODEL_PROFILE_FILE).write_text(json.dumps(model_profile, indent=2) + "\n")

@@ -1,4 +1,4 @@
-"""The prompts a sweep runs and, for the embedded shapes model, the checker of its captions."""
+"""The prompts a sweep runs and, for the embedded shapes models, the checker of their captions."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..pipelines.default_model import SERVED_MODEL_NAME, shapes
+from ..pipelines import default_model, default_video_model
+from ..pipelines.default_model import shapes
+from ..pipelines.default_video_model import clips
 from .metrics import Media
 
 GENERIC_PROMPTS = (
@@ -30,17 +32,25 @@ def check_shapes_caption(prompt: str, image: Media) -> bool:
     return shapes.check(image, prompt).passed_all
 
 
+def check_clips_caption(prompt: str, video: Media) -> bool:
+    assert not isinstance(video, Image.Image)
+    return clips.check(video, prompt).passed
+
+
 def model_prompts(
     model_name: str, *, held_out: bool, prompts_file: str | Path | None = None
 ) -> tuple[list[str], Checker | None]:
-    """Every candidate prompt (callers take the first ones) and, for the shapes model, its caption checker.
+    """Every candidate prompt (callers take the first ones) and, for the shapes models, their caption checker.
 
-    The shapes model is benchmarked on captions it never saw in training (`held_out`) and calibrated on training
-    captions; other models use `prompts_file` (one prompt per line) or a built-in generic set.
+    The shapes models are benchmarked on captions they never saw in training (`held_out`) and calibrated on
+    training captions; other models use `prompts_file` (one prompt per line) or a built-in generic set.
     """
     if prompts_file:
         return [line.strip() for line in Path(prompts_file).read_text().splitlines() if line.strip()], None
-    if model_name == SERVED_MODEL_NAME:
+    if model_name == default_model.SERVED_MODEL_NAME:
         training, held = shapes.split_scenes()
         return [scene.caption for scene in (held if held_out else training)], check_shapes_caption
+    if model_name == default_video_model.SERVED_MODEL_NAME:
+        training_clips, held_clips = clips.split_clips()
+        return [clip.caption for clip in (held_clips if held_out else training_clips)], check_clips_caption
     return list(GENERIC_PROMPTS), None

@@ -90,9 +90,12 @@ def read_architecture(folder: Path) -> str:
 
 def embedded_models() -> dict[str, Path]:
     """The models shipped inside the package, by the name they are served under (no download)."""
-    from . import default_model
+    from . import default_model, default_video_model
 
-    return {default_model.SERVED_MODEL_NAME: default_model.default_model_path()}
+    return {
+        default_model.SERVED_MODEL_NAME: default_model.default_model_path(),
+        default_video_model.SERVED_MODEL_NAME: default_video_model.default_video_model_path(),
+    }
 
 
 def _local_folder(model: str) -> Path:

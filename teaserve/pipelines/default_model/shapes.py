@@ -121,19 +121,27 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, centre: tuple[float, float], ra
         draw.polygon(outline, fill=fill)
 
 
+def draw_shape(
+    shape: str, colour: str, background: str, centre: tuple[float, float], radius: float, size: int
+) -> Image.Image:
+    """One shape on a plain background, antialiased by supersampling; `centre` and `radius` (of the shape's
+    circumscribed circle) are fractions of the image side."""
+    side = size * SUPERSAMPLE
+    image = Image.new("RGB", (side, side), PALETTE[background])
+    _draw(ImageDraw.Draw(image), shape, (centre[0] * side, centre[1] * side), radius * side, PALETTE[colour])
+    return image.resize((size, size), Image.Resampling.BOX)
+
+
 def render(scene: Scene, rng: np.random.Generator | None = None, size: int = IMAGE_SIZE) -> Image.Image:
     """Draw `scene` (antialiased by supersampling); `rng` jitters position and radius slightly."""
     rng = rng or np.random.default_rng(0)
-    side = size * SUPERSAMPLE
-    image = Image.new("RGB", (side, side), PALETTE[scene.background])
     row, column = divmod(POSITIONS.index(scene.position), 3)
     centre = (
-        (CELL_CENTRES[column] + rng.uniform(-POSITION_JITTER, POSITION_JITTER)) * side,
-        (CELL_CENTRES[row] + rng.uniform(-POSITION_JITTER, POSITION_JITTER)) * side,
+        CELL_CENTRES[column] + rng.uniform(-POSITION_JITTER, POSITION_JITTER),
+        CELL_CENTRES[row] + rng.uniform(-POSITION_JITTER, POSITION_JITTER),
     )
-    radius = RADII[scene.size] * (1 + rng.uniform(-RADIUS_JITTER, RADIUS_JITTER)) * side
-    _draw(ImageDraw.Draw(image), scene.shape, centre, radius, PALETTE[scene.colour])
-    return image.resize((size, size), Image.Resampling.BOX)
+    radius = RADII[scene.size] * (1 + rng.uniform(-RADIUS_JITTER, RADIUS_JITTER))
+    return draw_shape(scene.shape, scene.colour, scene.background, centre, radius, size)
 
 
 def sample(count: int, scenes: list[Scene], seed: int, size: int = IMAGE_SIZE) -> tuple[np.ndarray, list[Scene]]:
@@ -149,7 +157,8 @@ FOREGROUND_DISTANCE = 80.0
 """Pixels farther than this (RGB euclidean) from the background colour belong to the shape."""
 
 
-def _nearest_colour(rgb) -> str:
+def nearest_colour(rgb) -> str:
+    """The palette colour closest to an RGB value."""
     return COLOURS[int(np.argmin(((_PALETTE_ARRAY - np.asarray(rgb, np.float32)) ** 2).sum(1)))]
 
 
@@ -177,12 +186,12 @@ def read(image: Image.Image | np.ndarray) -> Reading:
     pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
     height, width, _ = pixels.shape
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-    background = _nearest_colour(np.median(border, axis=0))
+    background = nearest_colour(np.median(border, axis=0))
     distance = np.sqrt(((pixels - np.asarray(PALETTE[background], np.float32)) ** 2).sum(-1))
     mask = distance > FOREGROUND_DISTANCE
     if mask.sum() < 0.005 * height * width:
         return Reading(background, None, None, None, None)
-    colour = _nearest_colour(np.median(pixels[mask], axis=0))
+    colour = nearest_colour(np.median(pixels[mask], axis=0))
     ys, xs = np.nonzero(mask)
     centre = (xs.mean() + 0.5, ys.mean() + 0.5)
     row = min(2, int(centre[1] / height * 3))

@@ -104,11 +104,28 @@ def single_frame_convolutions() -> Iterator[None]:
         module.QwenImageCausalConv3d.forward = original
 
 
-def _cosine_lr(base: float, step: int, total: int, warmup: int) -> float:
+def cosine_lr(base: float, step: int, total: int, warmup: int) -> float:
+    """Linear warm-up over `warmup` steps, then a cosine from `base` down to a tenth of it at `total`."""
     return base * min(1.0, (step + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / max(1, total))))
 
 
-def _autoencoder_loss(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def training_noise_levels(batch: int, generator: torch.Generator) -> torch.Tensor:
+    """Unshifted noise levels in (0, 1) for flow-matching training: logit-normal, 10% of them uniform."""
+    u = torch.sigmoid(torch.randn(batch, generator=generator))
+    u = torch.where(torch.rand(batch, generator=generator) < 0.1, torch.rand(batch, generator=generator), u)
+    return u.clamp(1e-4, 1 - 1e-4)
+
+
+def update_ema(average: torch.nn.Module, model: torch.nn.Module, step: int, decay: float) -> None:
+    """One step of the exponential moving average of `model`'s weights, with a warm-up of the decay."""
+    decay = min(decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for averaged, current in zip(average.parameters(), model.parameters(), strict=True):
+            averaged.lerp_(current, 1 - decay)
+
+
+def autoencoder_loss(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """L1 + MSE: L1 keeps edges sharp, MSE weighs the large errors."""
     return (reconstruction - target).abs().mean() + (reconstruction - target).pow(2).mean()
 
 
@@ -133,11 +150,11 @@ def train_vae(config: TrainingConfig, log: Callable[[str], None]):
     vae.train()
     for step in range(config.vae_steps):
         for group in optimizer.param_groups:
-            group["lr"] = _cosine_lr(config.vae_lr, step, config.vae_steps, warmup=100)
+            group["lr"] = cosine_lr(config.vae_lr, step, config.vae_steps, warmup=100)
         images = _to_tensor(shapes.sample(config.vae_batch, train_scenes, seed=config.seed * 1_000_003 + step)[0])
         posterior = vae.encode(images).latent_dist
         reconstruction = vae.decode(posterior.sample(generator)).sample
-        loss = _autoencoder_loss(reconstruction, images) + 1e-6 * posterior.kl().mean() / images[0].numel()
+        loss = autoencoder_loss(reconstruction, images) + 1e-6 * posterior.kl().mean() / images[0].numel()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -289,17 +306,15 @@ def train_transformer(config, pipeline, latents, scenes, log):
     smoothed = None
     for step in range(config.transformer_steps):
         for group in optimizer.param_groups:
-            group["lr"] = _cosine_lr(config.transformer_lr, step, config.transformer_steps, warmup=200)
+            group["lr"] = cosine_lr(config.transformer_lr, step, config.transformer_steps, warmup=200)
         batch = config.transformer_batch
         index = torch.randint(0, count, (batch,), generator=generator)
         captions = sample_captions[index].clone()
         captions[torch.rand(batch, generator=generator) < config.prompt_dropout] = negative
         mask = masks[captions]
         length = int(mask.sum(1).max())
-        # logit-normal noise levels (10% uniform), then the exponential shift the scheduler applies at inference
-        u = torch.sigmoid(torch.randn(batch, generator=generator))
-        u = torch.where(torch.rand(batch, generator=generator) < 0.1, torch.rand(batch, generator=generator), u)
-        u = u.clamp(1e-4, 1 - 1e-4)
+        # the exponential shift the scheduler applies at inference
+        u = training_noise_levels(batch, generator)
         sigma = math.exp(mu) / (math.exp(mu) + (1 / u - 1))
         clean = packed[index]
         noise = torch.randn(clean.shape, generator=generator)
@@ -313,10 +328,7 @@ def train_transformer(config, pipeline, latents, scenes, log):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
         optimizer.step()
-        decay = min(config.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for averaged, current in zip(ema.parameters(), transformer.parameters(), strict=True):
-                averaged.lerp_(current, 1 - decay)
+        update_ema(ema, transformer, step, config.ema_decay)
         smoothed = loss.item() if smoothed is None else 0.98 * smoothed + 0.02 * loss.item()
         if (step + 1) % 500 == 0 or step + 1 == config.transformer_steps:
             log(f"transformer step {step + 1}/{config.transformer_steps}: loss {smoothed:.4f}")
@@ -332,11 +344,11 @@ def finetune_decoder(vae, config: TrainingConfig, log: Callable[[str], None]) ->
     vae.train()
     for step in range(config.decoder_steps):
         for group in optimizer.param_groups:
-            group["lr"] = _cosine_lr(config.decoder_lr, step, config.decoder_steps, warmup=20)
+            group["lr"] = cosine_lr(config.decoder_lr, step, config.decoder_steps, warmup=20)
         images = _to_tensor(shapes.sample(config.vae_batch, train_scenes, seed=config.seed * 7_000_003 + step)[0])
         with torch.no_grad():
             latents = vae.encode(images).latent_dist.mode()
-        loss = _autoencoder_loss(vae.decode(latents).sample, images)
+        loss = autoencoder_loss(vae.decode(latents).sample, images)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(decoder_parameters, 1.0)
