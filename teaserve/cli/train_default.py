@@ -53,15 +53,18 @@ def calibrate_and_evaluate(folder: Path, evaluate_count: int, log: Callable[[str
     log("evaluating on held-out captions")
     _, held_out = shapes.split_scenes()
     evaluation = evaluate(folder, held_out[:evaluate_count])
-    accuracy = evaluation.accuracy()
+    sample_grid(evaluation, folder / "samples.png")
+    write_evaluation(folder, len(evaluation.scenes), evaluation.accuracy())
+
+
+def write_evaluation(folder: Path, held_out: int, accuracy: dict[str, float]) -> None:
+    """Print a trained model's accuracy on `held_out` captions, record it in its evaluation.json and say what the
+    folder now holds."""
     print(
-        f"held-out captions ({len(evaluation.scenes)}), default sampling: "
+        f"held-out captions ({held_out}), default sampling: "
         + ", ".join(f"{name} {100 * value:.1f}%" for name, value in accuracy.items())
     )
-    (folder / "evaluation.json").write_text(
-        json.dumps({"held_out": len(evaluation.scenes), **accuracy}, indent=2) + "\n"
-    )
-    sample_grid(evaluation, folder / "samples.png")
+    (folder / "evaluation.json").write_text(json.dumps({"held_out": held_out, **accuracy}, indent=2) + "\n")
     print(
         f"wrote {folder} (teaserve.json with calibrated TeaCache coefficients and quality table, samples.png, "
         "evaluation.json)"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 from ..pipelines.default_video_model import clips
 from ..pipelines.default_video_model.evaluate import evaluate, sample_sheet
 from ..pipelines.default_video_model.train import TrainingConfig, train
-from .train_default import calibrate_teacache
+from .train_default import calibrate_teacache, write_evaluation
 
 CALIBRATION_SEEDS, CALIBRATION_STEPS = (0,), (10, 25, 50)
 """Fewer than the image model's: a 17-frame clip costs several of its images."""
@@ -30,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{time.perf_counter() - started:7.0f}s {message}", file=sys.stderr, flush=True)
 
     folder = Path(train(config, args.out, log=log))
-    captions = [clip.caption for clip in clips.split_clips()[0]]
+    training, held_out = clips.split_clips()
+    captions = [clip.caption for clip in training]
     calibrate_teacache(
         folder,
         captions[: args.calibration_prompts],
@@ -40,19 +40,7 @@ def run(args: argparse.Namespace) -> int:
         log,
     )
     log("evaluating on held-out captions")
-    _, held_out = clips.split_clips()
     evaluation = evaluate(folder, held_out[: args.evaluate])
-    accuracy = evaluation.accuracy()
-    print(
-        f"held-out captions ({len(evaluation.clips)}), default sampling: "
-        + ", ".join(f"{name} {100 * value:.1f}%" for name, value in accuracy.items())
-    )
-    (folder / "evaluation.json").write_text(
-        json.dumps({"held_out": len(evaluation.clips), **accuracy}, indent=2) + "\n"
-    )
     sample_sheet(evaluation, folder / "samples.png")
-    print(
-        f"wrote {folder} (teaserve.json with calibrated TeaCache coefficients and quality table, samples.png, "
-        "evaluation.json)"
-    )
+    write_evaluation(folder, len(evaluation.clips), evaluation.accuracy())
     return 0

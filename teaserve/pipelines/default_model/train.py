@@ -130,8 +130,9 @@ def autoencoder_loss(reconstruction: torch.Tensor, target: torch.Tensor) -> torc
 
 
 def psnr(reconstruction: torch.Tensor, target: torch.Tensor) -> float:
-    """Mean per-image PSNR of images in [-1, 1]."""
-    return float(peak_signal_noise_ratio(reconstruction.clamp(-1, 1), target, data_range=2.0, dim=(1, 2, 3)))
+    """Mean PSNR per image (or video: per row of the batch) of values in [-1, 1]."""
+    dims = tuple(range(1, target.ndim))
+    return float(peak_signal_noise_ratio(reconstruction.clamp(-1, 1), target, data_range=2.0, dim=dims))
 
 
 def train_vae(config: TrainingConfig, log: Callable[[str], None]):
@@ -358,29 +359,37 @@ def finetune_decoder(vae, config: TrainingConfig, log: Callable[[str], None]) ->
     vae.eval()
 
 
+def bfloat16_psnrs(pipeline, generate: Callable[[], np.ndarray]) -> list[float]:
+    """Round the transformer, VAE and text encoder to bfloat16 (as shipped; the pipeline keeps those weights) and
+    measure how much `generate`'s outputs (floats in [0, 1], one output per row) change against float32: the PSNR of
+    each output's 8-bit values, identical outputs (infinite PSNR) counting as 100 dB."""
+    modules = (pipeline.transformer, pipeline.vae, pipeline.text_encoder)
+    reference = np.round(generate() * 255).astype(np.float64)
+    for module in modules:
+        module.to(torch.bfloat16).to(torch.float32)  # the values a float32 load of the saved weights gives
+    rounded = np.round(generate() * 255).astype(np.float64)
+    per_output = peak_signal_noise_ratio(
+        torch.from_numpy(rounded), torch.from_numpy(reference), data_range=255.0, reduction="none",
+        dim=tuple(range(1, reference.ndim)),
+    )  # fmt: skip
+    for module in modules:
+        module.to(torch.bfloat16)
+    return per_output.clamp(max=100.0).tolist()
+
+
 def half_precision_fidelity(pipeline, count: int = 8) -> dict[str, float]:
-    """Round the weights to bfloat16 (as shipped) and measure how much the images change against float32, on
-    held-out captions with the default sampling; the pipeline keeps the bfloat16 weights."""
+    """`bfloat16_psnrs` of held-out captions with the default sampling."""
     _, held_out = shapes.split_scenes()
     captions = [scene.caption for scene in held_out[:count]]
 
     def generate() -> np.ndarray:
-        images = pipeline(
+        return pipeline(
             prompt=captions, negative_prompt=[NEGATIVE_PROMPT] * count, true_cfg_scale=4.0, num_inference_steps=30,
             width=shapes.IMAGE_SIZE, height=shapes.IMAGE_SIZE, output_type="np",
             generator=[torch.Generator().manual_seed(index) for index in range(count)],
         ).images  # fmt: skip
-        return np.round(images * 255).astype(np.float64)
 
-    reference = generate()
-    for module in (pipeline.transformer, pipeline.vae, pipeline.text_encoder):
-        module.to(torch.bfloat16).to(torch.float32)  # the values a float32 load of the saved weights gives
-    per_image = peak_signal_noise_ratio(
-        torch.from_numpy(generate()), torch.from_numpy(reference), data_range=255.0, reduction="none", dim=(1, 2, 3)
-    )
-    psnrs = per_image.clamp(max=100.0).tolist()  # identical images (infinite PSNR) count as 100 dB
-    for module in (pipeline.transformer, pipeline.vae, pipeline.text_encoder):
-        module.to(torch.bfloat16)
+    psnrs = bfloat16_psnrs(pipeline, generate)
     return {"psnr_mean": float(np.mean(psnrs)), "psnr_min": float(np.min(psnrs)), "images": count}
 
 

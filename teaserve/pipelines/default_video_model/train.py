@@ -30,10 +30,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from ..default_model import default_model_path
-from ..default_model.train import cosine_lr, training_noise_levels, update_ema
+from ..default_model.train import bfloat16_psnrs, cosine_lr, psnr, training_noise_levels, update_ema
 from ..loading import write_profile
 from ..offline_tokenizers import build_t5_tokenizer
 from . import SERVED_MODEL_NAME, clips
@@ -122,7 +121,7 @@ def reconstruction_quality(vae, count: int = 32, seed: int = 99) -> dict[str, fl
         reconstruction = vae.decode(vae.encode(target).latent_dist.mode()).sample.clamp(-1, 1)
     frames = reconstruction.add(1).div(2).permute(0, 2, 3, 4, 1).numpy()
     return {
-        "psnr": float(peak_signal_noise_ratio(reconstruction, target, data_range=2.0, dim=(1, 2, 3, 4))),
+        "psnr": psnr(reconstruction, target),
         "checker_passed": float(np.mean([clips.check(f, c).passed for f, c in zip(frames, chosen, strict=True)])),
         "clips": count,
     }
@@ -325,21 +324,10 @@ def generate(pipeline, captions: list[str], *, steps: int = NUM_INFERENCE_STEPS,
 
 
 def half_precision_fidelity(pipeline, count: int = 8) -> dict[str, float]:
-    """Round the weights to bfloat16 (as shipped) and measure how much the clips change against float32, on
-    held-out captions with the default sampling; the pipeline keeps the bfloat16 weights."""
+    """`bfloat16_psnrs` of held-out captions' clips with the default sampling."""
     _, held_out = clips.split_clips()
     captions = [clip.caption for clip in held_out[:count]]
-    reference = np.round(generate(pipeline, captions) * 255).astype(np.float64)
-    modules = (pipeline.transformer, pipeline.vae, pipeline.text_encoder)
-    for module in modules:
-        module.to(torch.bfloat16).to(torch.float32)  # the values a float32 load of the saved weights gives
-    rounded = np.round(generate(pipeline, captions) * 255).astype(np.float64)
-    per_clip = peak_signal_noise_ratio(
-        torch.from_numpy(rounded), torch.from_numpy(reference), data_range=255.0, reduction="none", dim=(1, 2, 3, 4)
-    )
-    psnrs = per_clip.clamp(max=100.0).tolist()  # identical clips (infinite PSNR) count as 100 dB
-    for module in modules:
-        module.to(torch.bfloat16)
+    psnrs = bfloat16_psnrs(pipeline, lambda: generate(pipeline, captions))
     return {"psnr_mean": float(np.mean(psnrs)), "psnr_min": float(np.min(psnrs)), "clips": count}
 
 
